@@ -1,0 +1,18 @@
+"Shared pytest fixtures: paths to the optional real data beside the repository."
+import os
+from pathlib import Path
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('MPLBACKEND', 'Agg')
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+QATA = SHARED_DATA / 'qata-sgseg'
+
+@pytest.fixture
+def qata_root():
+    "The real QaTa subset in ../shared/data, or skip with the reason"
+    if not (QATA / 'prompts' / 'annotation.json').exists():
+        pytest.skip(f'real QaTa data not found at {QATA}')
+    return QATA
