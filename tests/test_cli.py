@@ -1,0 +1,107 @@
+"The `reclmis` command line end to end on generated data, with the seconds-long `tiny` preset."
+import json, shutil, subprocess
+import pytest
+import torch
+from PIL import Image
+
+from reclmis_nb.cli import main
+from reclmis_nb.data import make_synthetic_dataset
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny tensors: one thread is fastest, and immune to OpenMP spin-waiting on a busy machine"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', n_train=8, n_valid=4, n_test=4, size=48, seed=2)
+
+@pytest.fixture(scope='module')
+def trained(synth, tmp_path_factory):
+    "A finished 2-epoch tiny run"
+    run = tmp_path_factory.mktemp('runs')/'tiny'
+    assert main(['train', '--data', str(synth), '--preset', 'tiny', '--epochs', '2', '--out', str(run), '--device', 'cpu', '--quiet']) == 0
+    return run
+
+def cli(capsys, *argv):
+    "Exit code, stdout, stderr of `reclmis argv`"
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+def test_train_eval_predict(trained, synth, tmp_path, capsys):
+    assert {'best.pth', 'last.pth', 'history.csv', 'run.json'} <= {p.name for p in trained.iterdir()}
+    rc, out, _ = cli(capsys, 'eval', '--checkpoint', trained/'best.pth', '--data', synth, '--split', 'test', '--json', '--device', 'cpu')
+    res = json.loads(out)
+    assert rc == 0 and res['preset'] == 'tiny' and res['n'] == 4
+    assert {'dice', 'iou', 'dice_global', 'iou_global'} <= set(res) and 0 <= res['dice'] <= 1
+    rc, out, _ = cli(capsys, 'eval', '--checkpoint', trained/'best.pth', '--data', synth, '--json', '--native-grid',
+                     '--text-ablation', 'shuffle', '--device', 'cpu')
+    res = json.loads(out)
+    assert rc == 0 and res['text_ablation'] == 'shuffle' and res['native_grid'] is True
+    image = next((synth/'images'/'test'/'images').glob('*.png'))
+    before = image.read_bytes()
+    rc, out, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text',
+                       'unilateral pulmonary infection, one infected area, lower left lung.', '--out', tmp_path/'pred', '--device', 'cpu')
+    assert rc == 0, err
+    mask, over = tmp_path/'pred'/f'{image.stem}_mask.png', tmp_path/'pred'/f'{image.stem}_overlay.png'
+    assert Image.open(mask).size == Image.open(image).size and Image.open(over).mode == 'RGB'
+    assert set(torch.tensor(list(Image.open(mask).getdata())).unique().tolist()) <= {0, 255}
+    assert image.read_bytes() == before
+    rc, _, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text', 'lower left lung', '--out', tmp_path/'pred')
+    assert rc == 2 and 'exists' in err   # never writes over an existing file
+
+def test_resume_after_interruption(synth, tmp_path, capsys):
+    run = tmp_path/'run'
+    assert cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '3', '--out', run, '--stop-after', '1', '--quiet')[0] == 0
+    first = torch.load(run/'last.pth', weights_only=True)
+    assert first['epochs_done'] == 1
+    assert cli(capsys, 'train', '--resume', run, '--quiet')[0] == 0
+    done = torch.load(run/'last.pth', weights_only=True)
+    assert done['epochs_done'] == 3 and [r['epoch'] for r in done['history']] == [0, 1, 2]
+    assert done['history'][0] == first['history'][0]
+    assert len((run/'history.csv').read_text().splitlines()) == 4
+    rc, out, _ = cli(capsys, 'train', '--resume', run, '--quiet')
+    assert rc == 0 and 'nothing to resume' in out
+
+def test_runs_never_overwrite(synth, trained, tmp_path, capsys, monkeypatch):
+    before = (trained/'last.pth').read_bytes()
+    rc, _, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--out', trained, '--quiet')
+    assert rc == 2 and err.startswith('reclmis: error:') and 'not empty' in err and err.count('\n') == 1
+    assert (trained/'last.pth').read_bytes() == before
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2): assert cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--quiet')[0] == 0
+    assert len(list((tmp_path/'runs').iterdir())) == 2
+
+@pytest.mark.parametrize('case', ['missing', 'unreadable', 'empty'])
+def test_predict_errors(case, trained, tmp_path, capsys):
+    image = tmp_path/'x.png'
+    if case == 'unreadable': image.write_bytes(b'not a png at all')
+    if case == 'empty': Image.new('L', (40, 40)).save(image)
+    text = '   ' if case == 'empty' else 'lower left lung'
+    rc, out, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text', text, '--out', tmp_path)
+    assert rc == 2 and err.startswith('reclmis: error:') and err.count('\n') == 1, err
+    assert {'missing': 'not found', 'unreadable': 'cannot read', 'empty': 'empty'}[case] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == 'missing' else ['x.png'])
+
+def test_demo_plumbing(tmp_path):
+    "The demo's steps and files, at test size (the real demo is measured in the learner notebook)"
+    from reclmis_nb.learner import demo
+    res = demo(tmp_path/'demo', preset='tiny', epochs=1, progress=False, n_train=8, n_valid=4, n_test=4, size=32)
+    assert set(res['scores']) == {'true', 'shuffle', 'empty'}
+    assert {'data', 'run', 'predictions.png', 'demo.json'} <= {p.name for p in (tmp_path/'demo').iterdir()}
+    assert json.loads((tmp_path/'demo'/'demo.json').read_text())['scores']['true']['n'] == 4
+
+def test_console_script_help():
+    exe = shutil.which('reclmis')
+    if exe is None: pytest.skip('the reclmis console script is not installed (pip install -e .)')
+    out = subprocess.run([exe, '--help'], capture_output=True, text=True, check=True).stdout
+    for command in ('train', 'eval', 'predict', 'profile', 'demo', 'data'): assert command in out
+
+def test_profile_json(capsys):
+    rc, out, _ = cli(capsys, 'profile', '--preset', 'small', '--json')
+    prof = json.loads(out)
+    assert rc == 0 and prof['preset'] == 'small' and prof['macs']['inference'] > 0
