@@ -9,7 +9,7 @@ __all__ = ['UsageError', 'cmd_data_check', 'cmd_train', 'cmd_eval', 'cmd_predict
            'main']
 
 # %% ../nbs/90_cli.ipynb #f4d4d097
-import argparse, json, os, sys, time
+import argparse, json, os, subprocess, sys, time
 from pathlib import Path
 
 # %% ../nbs/90_cli.ipynb #e9261445
@@ -31,10 +31,14 @@ def cmd_train(args):
     if args.resume is None and args.data is None: raise UsageError('--data ROOT is needed (or --resume RUN)')
     if args.resume is not None and not (args.resume/'last.pth').exists():
         raise UsageError(f'{args.resume}/last.pth not found: --resume needs the folder of a run')
-    over = {} if args.bs is None else {'bs': args.bs}
+    if args.distributed:
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1: raise UsageError('--distributed starts torchrun itself: leave it out under a launcher')
+        from reclmis_nb.distributed import torchrun_command
+        return subprocess.call(torchrun_command(args.distributed, args.argv))
+    over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr)) if v is not None}
     run = train(args.data, args.preset, epochs=args.epochs, out=args.out, resume=args.resume, device=args.device,
                 stop_after=args.stop_after, progress=not args.quiet, **over)
-    print(f'run folder: {run}')
+    if int(os.environ.get('RANK', 0)) == 0: print(f'run folder: {run}')
     return 0
 
 # %% ../nbs/90_cli.ipynb #e40b190e
@@ -109,7 +113,9 @@ def build_parser():
                     help="the paper's recipes (qata, mosmed), CPU-sized ones (small; demo: small at 64x64) "
                          "or a seconds-long test one (tiny)")
     tr.add_argument('--epochs', type=int, help="maximum epochs (default: the preset's)")
-    tr.add_argument('--bs', type=int, help="batch size (default: the preset's)")
+    tr.add_argument('--bs', type=int, help="batch size, over all processes of a distributed run (default: the preset's)")
+    tr.add_argument('--lr', type=float, help="learning rate (default: the preset's)")
+    tr.add_argument('--distributed', type=int, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')
     tr.add_argument('--resume', type=Path, help='run folder of an interrupted run to continue')
     tr.add_argument('--device', **dev)
@@ -156,6 +162,7 @@ def main(argv=None # arguments, `sys.argv[1:]` when None
         ):
     "Entry point of the `reclmis` console script"
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # what `--distributed` passes on
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch loads OpenMP, so before any import of torch
     try: return args.func(args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
@@ -164,3 +171,7 @@ def main(argv=None # arguments, `sys.argv[1:]` when None
     except FloatingPointError as e:  # a non-finite loss stopped the training
         print(f'reclmis: training stopped: {e}', file=sys.stderr)
         return 1
+
+# %% ../nbs/90_cli.ipynb #515ef771
+if __name__ == '__main__' and globals().get('__file__'): sys.exit(main())
+

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.basics import Learner, DataLoaders, Callback, Metric, ValueMetric, OptimWrapper, set_seed
+from fastai.basics import Learner, DataLoaders, Callback, Metric, ValueMetric, OptimWrapper, set_seed, rank_distrib
 from fastai.basics import CancelFitException, CancelEpochException
 from fastai.data.load import DataLoader
 from fastai.callback.tracker import TrackerCallback
@@ -29,6 +29,8 @@ import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no
 from .data import read_dataset, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
+from .distributed import (setup_distributed, leave_distributed, from_rank0, built_once, sum_over_ranks,
+                                    shard_bs, data_parallel, unwrap)
 
 # %% ../nbs/08_learner.ipynb #52f61f59
 @dataclass
@@ -143,7 +145,9 @@ class RecLMISObjective(Callback):
         self.avgs = {}
 
     def before_train(self): self.sums, self.count = dict.fromkeys(self.weights, 0.), 0
-    def after_train(self): self.avgs = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    def after_train(self):
+        *sums, count = sum_over_ranks(*self.sums.values(), self.count)  # all processes of a distributed run
+        self.avgs = {k: v / max(count, 1) for k, v in zip(self.sums, sums)}
 
     def after_pred(self):
         "The whole output dict goes to `learn.out`, the logits to `learn.pred`"
@@ -189,7 +193,7 @@ class SegScore(Metric):
     def reset(self):
         if self.lead: self.acc.reset()
     def accumulate(self, learn):
-        if self.lead: self.acc.update(torch.sigmoid(learn.pred.float()), learn.yb[0])
+        if self.lead: self.acc.update(*learn.to_detach((torch.sigmoid(learn.pred.float()), learn.yb[0])))
     @property
     def value(self): return self.acc.compute()[self.key] if len(self.acc) else None
     @property
@@ -292,18 +296,21 @@ class RunCheckpoint(TrackerCallback):
         row = {'epoch': self.epoch, **dict(zip(self.names, map(float, self.recorder.values[-1]))),
                'lr': self.opt.hypers[-1]['lr'], 'seconds': round(time.time() - self.t0, 2)}
         self.history.append(row)
-        state = dict(self.meta, model=trainable_state(self.model), epochs_done=self.epoch + 1,
-                     history=self.history, best=float(self.best), wait=self.wait)
-        if self.new_best: atomic_save(state, self.run_dir/'best.pth')
-        rng = {'torch': torch.get_rng_state(), 'random': random.getstate(), 'loader': self.dls.train.rng.getstate()}
-        sl = self.recorder.smooth_loss
-        atomic_save(dict(state, opt=self.opt.state_dict(), schedule={'epoch': self.epoch + 1, 'lr': row['lr']}, rng=rng,
-                         smooth=(float(sl.val), sl.count)), self.run_dir/'last.pth')
-        _write_csv(self.history, self.run_dir/'history.csv')
+        if rank_distrib() == 0: self._save(row)  # one writer in a distributed run
         if self.patience and self.wait >= self.patience:
             print(f'no better validation Dice for {self.wait} epochs (best {self.best:.4f}): early stop')
             raise CancelFitException
         if self.stop_after and self.epoch + 1 >= self.stop_after: raise CancelFitException
+
+    def _save(self, row):
+        state = dict(self.meta, model=trainable_state(unwrap(self.model)), epochs_done=self.epoch + 1,
+                     history=self.history, best=float(self.best), wait=self.wait)
+        if self.new_best: atomic_save(state, self.run_dir/'best.pth')
+        rng = {'torch': torch.get_rng_state(), 'random': random.getstate(), 'loader': unwrap(self.dls.train).rng.getstate()}
+        sl = self.recorder.smooth_loss
+        atomic_save(dict(state, opt=self.opt.state_dict(), schedule={'epoch': self.epoch + 1, 'lr': row['lr']}, rng=rng,
+                         smooth=(float(sl.val), sl.count)), self.run_dir/'last.pth')
+        _write_csv(self.history, self.run_dir/'history.csv')
 
 # %% ../nbs/08_learner.ipynb #d36bb952
 def new_run_dir(out=None,      # a folder that does not exist or is empty; None: `runs/<name>-<timestamp>`
@@ -355,7 +362,7 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
           progress=True,    # fastai's progress bar and epoch table
           **overrides):     # `Recipe` fields to change (bs, lr, model_overrides, ...)
     "Train RecLMIS with a recipe; returns the run folder (run.json, last.pth, best.pth, history.csv)"
-    device = pick_device(device)
+    device = setup_distributed(pick_device(device))  # this process's device; joins the group of a torchrun launch
     if resume is not None:
         run_dir = Path(resume)
         ck = _read_ckpt(run_dir/'last.pth')
@@ -369,20 +376,23 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
         if root is None: raise ValueError('a dataset folder is needed to start a run')
         recipe = get_recipe(preset, **overrides, **({} if epochs is None else dict(epochs=epochs)))
         cfg, root, ck = get_preset(recipe.model, **recipe.model_overrides), Path(root), None
-        run_dir = new_run_dir(out, recipe.name)
+        run_dir = from_rank0(new_run_dir, out, recipe.name)
     index = read_dataset(root)
     for split in ('train', 'valid'):
         if not index.splits.get(split): raise ValueError(f'{root}: no {split!r} samples in this {index.layout} dataset')
-    print(format_run(recipe, cfg, device, root))
+    rank0 = rank_distrib() == 0
+    if rank0: print(format_run(recipe, cfg, device, root))
     set_seed(recipe.seed)
-    model = RecLMIS(cfg, verbose=progress)
+    model = RecLMIS(cfg, verbose=progress and rank0)
     S, train_s, valid_s = cfg.image_size, index.splits['train'], index.splits['valid']
-    feats = CaptionFeatures(model.text_encoder, _train_captions(train_s, recipe.augment) | {s.caption for s in valid_s})
+    captions = _train_captions(train_s, recipe.augment) | {s.caption for s in valid_s}
+    feats = CaptionFeatures(model.text_encoder)
+    feats.table = built_once(run_dir/'text_features.pt', lambda: feats.add(captions).table)  # rank 0 encodes
     meta = dict(preset=recipe.name, recipe=asdict(recipe), config=asdict(cfg), data=str(root))
     resumed = {} if ck is None else {k: ck[k] for k in ('history', 'best', 'wait', 'smooth')}
     ckpt = RunCheckpoint(run_dir, meta, recipe.patience, stop_after=stop_after, **resumed)
     dls = text_dls(LangSegDataset(train_s, size=S, augment=recipe.augment), LangSegDataset(valid_s, size=S),
-                   feats, recipe.bs, device)
+                   feats, shard_bs(recipe.bs), device)
     learn = recl_learner(model.to(device), dls, recipe, cbs=[ckpt])
     if ck is not None:
         load_weights(model, ck['model'])
@@ -390,10 +400,11 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
         learn.opt.load_state_dict(ck['opt'])
         torch.set_rng_state(ck['rng']['torch']); random.setstate(ck['rng']['random'])
         learn.dls.train.rng.setstate(ck['rng']['loader'])
-    else: (run_dir/'run.json').write_text(json.dumps(meta, indent=1))
+    elif rank0: (run_dir/'run.json').write_text(json.dumps(meta, indent=1))
     quiet = contextlib.ExitStack()
     if not progress: quiet.enter_context(learn.no_bar()); quiet.enter_context(learn.no_logging())
-    with quiet: learn.fit(recipe.epochs, start_epoch=0 if ck is None else ck['epochs_done'])
+    with quiet, data_parallel(learn): learn.fit(recipe.epochs, start_epoch=0 if ck is None else ck['epochs_done'])
+    leave_distributed()
     return run_dir
 
 # %% ../nbs/08_learner.ipynb #133daff1
