@@ -104,9 +104,14 @@ def _opacity(rng, y, x, lung, band):
 
 def synthetic_sample(rng: np.random.Generator, # source of all randomness
                      size=128, # side of the square image
-                     ribs=True # draw faint ribs over the lungs
+                     ribs=True, # draw faint ribs over the lungs
+                     distractors=(1, 2), # (fewest, most) look-alike opacities outside the mask, at most 3
                     ):
     "One generated chest-X-ray-like sample: (image uint8 (S,S), mask uint8 (S,S) in {0,1}, caption str)"
+    lo, hi = distractors
+    if not 0 <= lo <= hi <= 3:
+        raise ValueError(f'synthetic_sample: distractors={distractors} must be (lo, hi) with 0 <= lo <= hi <= 3 '
+                         '(6 zones, up to 3 lesions)')
     y, x = _grid(size)
     img = np.where(((x - 0.5) / 0.47)**2 + ((y - 0.56) / 0.56)**2 < 1, rng.uniform(0.55, 0.7), 0.06).astype(np.float32)
     cy, ry, rx = 0.5 + rng.uniform(-0.02, 0.02), rng.uniform(0.29, 0.33), rng.uniform(0.14, 0.17)
@@ -121,7 +126,7 @@ def synthetic_sample(rng: np.random.Generator, # source of all randomness
     if ribs: img += 0.07 * air * (0.5 + 0.5 * np.cos(2 * np.pi * (7 * y + 2.5 * (x - 0.5)**2)))**8
     img[heart] = rng.uniform(0.68, 0.78)
     order = rng.permutation(6)
-    n_lesion, n_distract = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    n_lesion, n_distract = int(rng.integers(1, 4)), int(rng.integers(lo, hi + 1))
     flags, mask = [0] * 6, np.zeros((size, size), bool)
     for j, z in enumerate(order[:n_lesion + n_distract]):
         top, bottom = bands[z // 3][z % 3], bands[z // 3][z % 3 + 1]  # soft zone band: weight 0.5 on its boundaries
@@ -137,7 +142,8 @@ def make_synthetic_dataset(dest, # folder to create (must be absent or empty unl
                            n_train=200, n_valid=50, n_test=50, # samples per split
                            size=128, # side of the square images
                            seed=0, # same seed, same dataset
-                           overwrite=False # replace the `images/` and `prompts/` folders of a previous dataset in `dest`
+                           overwrite=False, # replace the `images/` and `prompts/` folders of a previous dataset in `dest`
+                           distractors=(1, 2), # (fewest, most) look-alike opacities per image, see `synthetic_sample`
                           ):
     "Write a generated dataset in SGSeg's layout (images/<split>/{images,masks}, prompts/annotation.json)"
     dest = Path(dest)
@@ -151,7 +157,7 @@ def make_synthetic_dataset(dest, # folder to create (must be absent or empty unl
         (dest/'images'/split/'masks').mkdir(parents=True, exist_ok=True)
         ann[split] = []
         for i in range(n):
-            image, mask, caption = synthetic_sample(np.random.default_rng((seed, k, i)), size)
+            image, mask, caption = synthetic_sample(np.random.default_rng((seed, k, i)), size, distractors=distractors)
             name = f'synth_{split}_{i:05d}.png'
             Image.fromarray(image).save(dest/'images'/split/'images'/name)
             Image.fromarray(mask * 255).save(dest/'images'/split/'masks'/f'mask_{name}')

@@ -30,10 +30,17 @@ class ConditionedInteraction(nn.Module):
                  n_patches:int=196, # N = h*w of f4 (196 at 224x224)
                  heads:int=4, # attention heads
                  dropout:float=0.1, # dropout on Vp and inside both attentions
+                 pos_init:str='zeros', # position embedding at start: 'zeros' (release) or 'trunc_normal' (std 0.02)
+                 key_padding_mask:bool=False, # keep padding tokens out of the vision-to-text attention (release: False)
+                 text_residual:bool=False, # E'' = E + text-to-vision attention (release: False, E'' is the attention alone)
                 ):
         super().__init__()
+        if pos_init not in ('zeros', 'trunc_normal'):
+            raise ValueError(f"ConditionedInteraction: pos_init={pos_init!r}; choose 'zeros' or 'trunc_normal'")
+        self.key_padding_mask, self.text_residual = key_padding_mask, text_residual
         self.patch_embed = nn.Conv2d(dim, dim, 1)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, dim))
+        if pos_init == 'trunc_normal': nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.dropout = nn.Dropout(dropout)
         self.attn_t2v = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.attn_v2t = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
@@ -50,9 +57,12 @@ class ConditionedInteraction(nn.Module):
     def forward(self,
                 f4, # (B, d, h, w) deepest encoder map
                 E, # (B, T, d) adapted text tokens
+                text_mask=None, # (B, T) 1 for real tokens, 0 for padding; used when built with `key_padding_mask`
                ):
+        pad = (text_mask == 0) if self.key_padding_mask and text_mask is not None else None
         vp = self.patches(f4)
         E2, attn_t2v = self.attn_t2v(E, vp, vp, need_weights=True)
-        V_prime, attn_v2t = self.attn_v2t(vp, E2, E2, need_weights=True)
+        if self.text_residual: E2 = E2 + E
+        V_prime, attn_v2t = self.attn_v2t(vp, E2, E2, key_padding_mask=pad, need_weights=True)
         E_prime = self.text_conv(E2.transpose(1, 2)).transpose(1, 2)
         return dict(V_prime=V_prime, E_prime=E_prime, attn_t2v=attn_t2v, attn_v2t=attn_v2t)

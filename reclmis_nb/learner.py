@@ -518,7 +518,7 @@ def show_predictions(model,     # a RecLMIS in eval mode
     return fig
 
 # %% ../nbs/08_learner.ipynb #c2ac5681
-DEMO = dict(n_train=600, n_valid=40, n_test=80, size=64, epochs=8)
+DEMO = dict(n_train=600, n_valid=40, n_test=80, size=64, epochs=8, distractors=(2, 3)) # see 01_data: more look-alikes than lesions
 
 def demo(out=None,       # new folder for data, run, figure and scores (default ./reclmis-demo-<timestamp>)
          epochs=None,    # training epochs (default DEMO['epochs'])
@@ -531,7 +531,8 @@ def demo(out=None,       # new folder for data, run, figure and scores (default 
     t0, cfg = time.time(), dict(DEMO, **sizes)
     out = new_run_dir(out, 'reclmis-demo', runs='.')
     print(f'generating {cfg["n_train"]}/{cfg["n_valid"]}/{cfg["n_test"]} images of {cfg["size"]}x{cfg["size"]} in {out/"data"}')
-    data = make_synthetic_dataset(out/'data', cfg['n_train'], cfg['n_valid'], cfg['n_test'], size=cfg['size'], seed=0)
+    data = make_synthetic_dataset(out/'data', cfg['n_train'], cfg['n_valid'], cfg['n_test'], size=cfg['size'], seed=0,
+                                 distractors=cfg['distractors'])
     run = train(data, preset, epochs=epochs or cfg['epochs'], out=out/'run', device=device, progress=progress)
     model, info = load_checkpoint(run/'best.pth', device)
     test = read_dataset(data).splits['test']

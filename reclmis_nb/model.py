@@ -45,6 +45,9 @@ class RecLMISConfig:
     recon_causal:bool = True # release: causal self-attention in the reconstruction decoders
     bottleneck_residual:bool = False # release: the decoder starts from V' alone, f4 is not added back
     detach_vision_target:bool = False # release: L_T2V's target V' is not detached
+    pos_embed_init:str = 'zeros' # release: zeros; 'trunc_normal' (std 0.02) in the `small` preset
+    interaction_key_mask:bool = False # release: padding tokens take part in the vision-to-text attention
+    interaction_text_residual:bool = False # release: E'' is the text-to-vision attention alone, E is not added back
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
@@ -53,6 +56,8 @@ class RecLMISConfig:
         elif self.widths[-1] != self.dim: problems.append(f'widths[-1]={self.widths[-1]} must equal dim={self.dim} (f4 feeds the interaction)')
         if self.image_size % 16: problems.append(f'image_size={self.image_size} is not a multiple of 16')
         if self.dim % self.heads: problems.append(f'dim={self.dim} is not divisible by heads={self.heads}')
+        if self.pos_embed_init not in ('zeros', 'trunc_normal'):
+            problems.append(f"pos_embed_init={self.pos_embed_init!r} must be 'zeros' or 'trunc_normal'")
         for k in ('image_mask_rate', 'text_mask_rate'):
             if not 0 < getattr(self, k) <= 1: problems.append(f'{k}={getattr(self, k)} must be in (0, 1]')
         if set(self.loss_weights) != {'seg', 'ccl', 'v2t', 't2v'}:
@@ -66,7 +71,8 @@ PRESETS = {
     'qata': RecLMISConfig(),
     'mosmed': RecLMISConfig(name='mosmed', recon_layers=3, image_mask_rate=0.3, interest_dropout=0.5),
     'small': RecLMISConfig(name='small', image_size=128, widths=(16, 32, 64, 128, 128), dim=128, recon_layers=2,
-                           recon_ffn=256, text_encoder='minilm', max_tokens=32),
+                           recon_ffn=256, text_encoder='minilm', max_tokens=32,
+                           pos_embed_init='trunc_normal', interaction_key_mask=True, interaction_text_residual=True),  # deviations: see above
 }
 
 def get_preset(name:str, # 'qata', 'mosmed' or 'small'
@@ -104,7 +110,8 @@ class RecLMIS(nn.Module):
         self.text_encoder = text_encoder.requires_grad_(False)
         self.encoder = UNetEncoder(cfg.widths)
         self.adapter = TextAdapter(cfg.dim)
-        self.interaction = ConditionedInteraction(cfg.dim, cfg.n_patches, cfg.heads, cfg.interaction_dropout)
+        self.interaction = ConditionedInteraction(cfg.dim, cfg.n_patches, cfg.heads, cfg.interaction_dropout,
+                                                  cfg.pos_embed_init, cfg.interaction_key_mask, cfg.interaction_text_residual)
         self.decoder = UNetDecoder(cfg.widths)
         self.head = nn.Conv2d(cfg.widths[0], 1, 1)
         self.poi = PatchesOfInterest(cfg.dim, cfg.interest_dropout)
@@ -119,7 +126,8 @@ class RecLMIS(nn.Module):
         c = self.cfg
         infer = sum(n_params(getattr(self, k)) for k in INFERENCE_PARTS)
         te = f"{c.text_encoder} ({c.max_tokens} tokens, {'pretrained' if c.text_pretrained else 'random'}, frozen)"
-        switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target'))
+        switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target',
+                                                      'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual'))
         return (f'RecLMIS preset {c.name!r}: {c.image_size}x{c.image_size}, widths {c.widths}, dim {c.dim}, heads {c.heads}, text {te}\n'
                 f'  reconstruction: {c.recon_layers} layers/stack, ffn {c.recon_ffn}, mask rate image {c.image_mask_rate} '
                 f'text {c.text_mask_rate}, POI/WOI dropout {c.interest_dropout}, loss weights {c.loss_weights}\n'
@@ -138,7 +146,7 @@ class RecLMIS(nn.Module):
                              f'{len(image)} images and dim={self.cfg.dim}: pass text_encoder.encode(sentences)')
         x1, f1, f2, f3, f4 = self.encoder(image)
         E = self.adapter(text)
-        inter = self.interaction(f4, E)
+        inter = self.interaction(f4, E, text_mask)
         V_prime = inter['V_prime']
         bottleneck = V_prime.transpose(1, 2).reshape(f4.shape)
         if self.cfg.bottleneck_residual: bottleneck = bottleneck + f4

@@ -245,6 +245,19 @@ def test_synthetic_deterministic(tmp_path):
     assert all(s.caption for s in read_dataset(a).splits['test'])
 
 
+def test_synthetic_distractors(tmp_path):
+    "Shifting the distractor range by one adds one look-alike opacity per image: same captions and masks"
+    from reclmis_nb.data import synthetic_sample
+    a = make_synthetic_dataset(tmp_path/'a', n_train=8, n_valid=0, n_test=0, size=64, seed=1)
+    b = make_synthetic_dataset(tmp_path/'b', n_train=8, n_valid=0, n_test=0, size=64, seed=1, distractors=(2, 3))
+    assert (a/'prompts/annotation.json').read_text() == (b/'prompts/annotation.json').read_text()
+    masks, images = sorted((a/'images/train/masks').glob('*.png')), sorted((a/'images/train/images').glob('*.png'))
+    assert all(load_mask(p).equal(load_mask(b/p.relative_to(a))) for p in masks)
+    gain = [(load_image(b/p.relative_to(a)) - load_image(p)).mean().item() for p in images]
+    assert all(g != 0 for g in gain) and np.mean(gain) > 0.002  # every image changed; opacities add light
+    with pytest.raises(ValueError, match='distractors'): synthetic_sample(np.random.default_rng(0), 64, distractors=(0, 4))
+
+
 # ---------------------------------------------------------------- download
 def repo_zip(path, src):
     "A zip shaped like the SGSeg repository archive, with the dataset `src` under data/QaTa"

@@ -98,3 +98,15 @@ def test_small_preset_with_minilm():
     assert n_params(m, trainable=True) == n_params(m) - n_params(m.text_encoder)
     probs = m.predict(torch.rand(1, 3, 128, 128), ['Unilateral pulmonary infection, one infected area, lower left lung.'])
     assert probs.shape == (1, 1, 128, 128) and 0 <= probs.min() and probs.max() <= 1
+
+def test_small_interaction_deviations(tiny_model):
+    "`small` (and only it) deviates: padding masked out of the vision-to-text attention, random position start, text residual"
+    assert not any(getattr(get_preset(p), k) for p in ('qata', 'mosmed') for k in ('interaction_key_mask', 'interaction_text_residual'))
+    assert get_preset('qata').pos_embed_init == get_preset('mosmed').pos_embed_init == 'zeros' and tiny_model.interaction.text_residual
+    assert tiny_model.interaction.pos_embed.std() > 0.01
+    te = tiny_model.text_encoder
+    feats, mask = te.encode(['Unilateral pulmonary infection, one infected area, lower left lung.', ''])
+    with torch.no_grad(): w = tiny_model.eval()(torch.rand(2, 3, 64, 64), feats, mask)['attn_v2t']
+    assert (mask == 0).any() and w.masked_select((mask == 0)[:, None].expand_as(w)).abs().max() == 0
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
+    assert 'interaction_key_mask=True' in tiny_model.summary() and 'pos_embed_init=trunc_normal' in tiny_model.summary()
