@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 import pytest
+import torch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -16,3 +17,11 @@ def qata_root():
     if not (QATA / 'prompts' / 'annotation.json').exists():
         pytest.skip(f'real QaTa data not found at {QATA}')
     return QATA
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "Tiny tensors: one thread is fastest, and immune to OpenMP spin-waiting on a busy machine"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,13 +7,7 @@ from PIL import Image
 from reclmis_nb.cli import main
 from reclmis_nb.data import make_synthetic_dataset
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one thread is fastest, and immune to OpenMP spin-waiting on a busy machine"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):

@@ -10,13 +10,7 @@ from reclmis_nb.learner import train, load_checkpoint
 from reclmis_nb.interpret import (explain, word_attributions, image_attributions, alignment, counterfactuals,
                                   AlignmentExplorer, tokenize_words, ZONE_BANDS)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one thread is fastest on a busy machine"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):

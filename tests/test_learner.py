@@ -8,13 +8,7 @@ from reclmis_nb.data import make_synthetic_dataset
 from reclmis_nb.learner import train, LossTermMissing, NonFiniteLoss, TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one thread is fastest, and immune to OpenMP spin-waiting on a busy machine"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
