@@ -99,3 +99,27 @@ def test_profile_json(capsys):
     rc, out, _ = cli(capsys, 'profile', '--preset', 'small', '--json')
     prof = json.loads(out)
     assert rc == 0 and prof['preset'] == 'small' and prof['macs']['inference'] > 0
+
+def test_train_baseline_and_ablation_flags(synth, tmp_path, capsys):
+    "`--model`, `--loss-weight` and `--text-ablation` reach the recipe; misuse gives one clear line"
+    rc, out, _ = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--out', tmp_path/'unet', '--model', 'unet', '--quiet')
+    assert rc == 0 and torch.load(tmp_path/'unet'/'last.pth', weights_only=True)['recipe']['arch'] == 'unet'
+    rc, out, _ = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--out', tmp_path/'abl',
+                     '--loss-weight', 'v2t=0', '--loss-weight', 'ccl=0.5', '--quiet')
+    ck = torch.load(tmp_path/'abl'/'last.pth', weights_only=True)
+    assert rc == 0 and ck['config']['loss_weights'] == dict(seg=5., ccl=0.5, v2t=0., t2v=1.)
+    assert 'train_v2t' not in ck['history'][0] and 'train_ccl' in ck['history'][0]
+    rc, _, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--out', tmp_path/'bad', '--model', 'lvit', '--loss-weight', 'ccl=0')
+    assert rc == 2 and 'lvit has only the segmentation loss' in err and not (tmp_path/'bad').exists()
+    with pytest.raises(SystemExit): main(['train', '--data', str(synth), '--loss-weight', 'ccl'])
+    assert 'TERM=WEIGHT' in capsys.readouterr().err
+
+def test_profile_model_json(capsys):
+    "The comparison row: the same counts for each model"
+    rows = {}
+    for m in ('unet', 'lvit', 'reclmis'):
+        rc, out, _ = cli(capsys, 'profile', '--model', m, '--preset', 'small', '--json')
+        rows[m] = json.loads(out)
+        assert rc == 0 and rows[m]['model'] == m and rows[m]['image_size'] == 128
+        assert rows[m]['macs']['flop_counter'] > 0 and rows[m]['params']['inference'] <= rows[m]['params']['total']
+    assert rows['unet']['params']['text_encoder'] == 0 < rows['lvit']['params']['text_encoder']

@@ -63,3 +63,33 @@ def test_zero_weight_switches_a_term_off(synth, tmp_path, monkeypatch):
                 model_overrides=dict(TINY_MODEL, loss_weights=weights))
     row = history(run)[0]
     assert 'train_v2t' not in row and 'train_ccl' in row
+
+@pytest.mark.parametrize('arch', ['unet', 'lvit'])
+def test_baselines_train_resume_evaluate(arch, synth, tmp_path):
+    "The same recipes train the baselines: checkpoints record the model, resume continues it, evaluate rebuilds it"
+    run = train(synth, 'tiny', epochs=2, out=tmp_path/'run', device='cpu', progress=False, arch=arch, stop_after=1)
+    assert torch.load(run/'last.pth', weights_only=True)['epochs_done'] == 1
+    train(resume=run, device='cpu', progress=False)
+    ck = torch.load(run/'last.pth', weights_only=True)
+    assert ck['epochs_done'] == 2 and ck['recipe']['arch'] == arch and ck['config']['arch'] == arch
+    assert 'train_ccl' not in history(run)[0] and math.isfinite(float(history(run)[-1]['train_seg']))
+    model, info = learner.load_checkpoint(run)
+    assert type(model).__name__ == {'unet': 'UNet', 'lvit': 'LViT'}[arch]
+    assert (model.text_encoder is None) == (arch == 'unet')
+    res = learner.evaluate(run, synth, 'valid')
+    assert res['model'] == arch and res['n'] == 4 and 0 <= res['dice'] <= 1
+
+def test_train_without_text(synth, tmp_path, monkeypatch):
+    "`text_ablation='empty'` trains on the empty sentence only, and evaluation keeps the run's ablation"
+    tables = []
+    monkeypatch.setattr(learner, 'built_once', lambda path, build: tables.append(build()) or tables[-1])
+    run = train(synth, 'tiny', epochs=1, out=tmp_path/'run', device='cpu', progress=False, text_ablation='empty')
+    assert [list(t) for t in tables] == [['']]   # the only sentence encoded for training and validation
+    assert learner.evaluate(run, synth, 'valid')['text_ablation'] == 'empty'
+    assert learner.evaluate(run, synth, 'valid', text_ablation='shuffle')['text_ablation'] == 'shuffle'
+
+@pytest.mark.parametrize('field,value,match', [('arch', 'vit', "unknown model 'vit'"),
+                                               ('text_ablation', 'none', "unknown text ablation 'none'")])
+def test_bad_recipe_fields(field, value, match, synth, tmp_path):
+    with pytest.raises(ValueError, match=match): train(synth, 'tiny', out=tmp_path/'run', progress=False, **{field: value})
+    assert not (tmp_path/'run').exists()
