@@ -61,7 +61,11 @@ def start_lab(root, port, token, home):
         f = home/'settings'/'@jupyterlab'/f'{name}.jupyterlab-settings'
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(values))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home/'config'), JUPYTER_RUNTIME_DIR=str(home/'runtime'),
+    # the data folders of this Python and of the one a venv was made from: a venv's Lab otherwise misses the widget
+    # manager that ipywidgets installed under the base prefix, and shows the explorer as its text repr
+    data = [str(Path(p)/'share'/'jupyter') for p in dict.fromkeys((sys.prefix, sys.base_prefix))]
+    jupyter_path = os.pathsep.join(data + [p for p in os.environ.get('JUPYTER_PATH', '').split(os.pathsep) if p])
+    env = dict(os.environ, JUPYTER_PATH=jupyter_path, JUPYTER_CONFIG_DIR=str(home/'config'), JUPYTER_RUNTIME_DIR=str(home/'runtime'),
                IPYTHONDIR=str(home/'ipython'), JUPYTERLAB_SETTINGS_DIR=str(home/'settings'),
                JUPYTERLAB_WORKSPACES_DIR=str(home/'workspaces'), HF_HUB_OFFLINE='1', MPLBACKEND='Agg')
     cmd = [sys.executable, '-m', 'jupyterlab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
@@ -100,12 +104,17 @@ IMAGE_SHOWN = "() => { const e = document.querySelector('img.widget-image'); ret
 KERNEL_IDLE = ("() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
                ".some(e => e.textContent.includes('| Idle') && !e.textContent.includes('No Kernel'))")
 CELLS_TO_RUN = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(e => e.textContent.includes('[ ]'))"
+TEXT_FALLBACK = ("() => [...document.querySelectorAll('.jp-OutputArea-output')]"
+                 ".some(e => e.textContent.startsWith('AlignmentExplorer('))")
 
 def run_all(page, deadline):
     "Run > Run All Cells once the kernel is connected and idle, again while cells are left unrun, until the figure shows"
     while not page.evaluate(IMAGE_SHOWN):
         page.wait_for_function(KERNEL_IDLE, timeout=deadline.ms())
         page.wait_for_timeout(min(1500, deadline.ms()))  # idle for a moment: the kernel has settled
+        if page.evaluate(KERNEL_IDLE) and page.evaluate(TEXT_FALLBACK):
+            raise RuntimeError('JupyterLab showed the explorer as text, not as a widget: the '
+                               '@jupyter-widgets/jupyterlab-manager labextension is not on its path (jupyter labextension list)')
         if page.evaluate(KERNEL_IDLE) and page.evaluate(CELLS_TO_RUN):
             page.locator('.lm-MenuBar-itemLabel').get_by_text('Run', exact=True).click()
             page.locator('.lm-Menu-itemLabel').get_by_text('Run All Cells', exact=True).click()
