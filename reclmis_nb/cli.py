@@ -167,22 +167,21 @@ def build_parser():
     ev.add_argument('--device', **dev)
     ev.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser('predict', help='segment one image from a sentence (no ground truth needed)')
-    pr.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run')
-    pr.add_argument('image', type=Path, help='image file (PNG, JPEG, ...)')
-    pr.add_argument('--text', required=True, help='the sentence describing what to segment')
-    pr.add_argument('--out', type=Path, default=Path('.'), help='folder for <stem>_mask.png and <stem>_overlay.png')
-    pr.add_argument('--device', **dev)
-    pr.set_defaults(func=cmd_predict)
-
-    xp = sub.add_parser('explain', help='where the model looks for each word: attention, Captum word scores, counterfactuals')
-    xp.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run')
-    xp.add_argument('image', type=Path, help='image file (PNG, JPEG, ...)')
-    xp.add_argument('--text', required=True, help='the sentence describing what to segment')
-    xp.add_argument('--out', type=Path, default=Path('.'), help='folder for <stem>_attention.png, _words.png, _words.json, _counterfactual.png')
+    def one_image(name, help, func, writes):
+        "A subcommand on one image and one sentence (`predict`, `explain`)"
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run')
+        sp.add_argument('image', type=Path, help='image file (PNG, JPEG, ...)')
+        sp.add_argument('--text', required=True, help='the sentence describing what to segment')
+        sp.add_argument('--out', type=Path, default=Path('.'), help=f'folder for {writes}')
+        sp.add_argument('--device', **dev)
+        sp.set_defaults(func=func)
+        return sp
+    one_image('predict', 'segment one image from a sentence (no ground truth needed)', cmd_predict,
+              '<stem>_mask.png and <stem>_overlay.png')
+    xp = one_image('explain', 'where the model looks for each word: attention, Captum word scores, counterfactuals',
+                   cmd_explain, '<stem>_attention.png, _words.png, _words.json, _counterfactual.png')
     xp.add_argument('--steps', type=int, default=32, help='integration steps of the Captum word scores')
-    xp.add_argument('--device', **dev)
-    xp.set_defaults(func=cmd_explain)
 
     pf = sub.add_parser('profile', help='parameters and MACs of a preset; with --model, the comparison with the baselines')
     pf.add_argument('--model', choices=['reclmis', 'unet', 'lvit'], help='the same counts for RecLMIS, U-Net or LViT-T')

@@ -9,8 +9,8 @@ __all__ = ['ZONE_BANDS', 'FILLER_WORDS', 'EDITS', 'MAPS', 'as_model', 'eval_mode
            'tokenize_words', 'merge_pieces', 'interest_forward', 'patch_grid', 'alignment', 'upsample', 'draw_heat',
            'attention_figure', 'peak', 'word_bar', 'zone_region', 'zone_alignment', 'format_zones', 'pick_region',
            'region_target', 'word_attributions', 'image_attributions', 'captum_figure', 'zone_word_ranking',
-           'swap_words', 'swap_area_count', 'counterfactuals', 'counterfactual_figure', 'text_sensitivity', 'explain',
-           'button_labels', 'AlignmentExplorer']
+           'word_patch_attributions', 'swap_words', 'swap_area_count', 'counterfactuals', 'counterfactual_figure',
+           'text_sensitivity', 'explain', 'button_labels', 'AlignmentExplorer']
 
 # %% ../nbs/11_interpret.ipynb #01b5010f
 import contextlib, io, json, re
@@ -211,19 +211,26 @@ def zone_region(word:str, # a zone word: upper, middle, lower, left, right
 
 def zone_alignment(learn_or_model, # a RecLMIS or a Learner holding one
                    dataset, # items (image, caption, mask), e.g. a LangSegDataset of generated data
-                   kind:str='t2v', # which attention map: 't2v' or 'v2t'
+                   kind:str='t2v', # which per-word map: attention 't2v' or 'v2t', or 'captum' (`word_patch_attributions`)
                    n:int|None=None, # use the first n samples (all when None)
+                   n_steps:int=8, # integration steps ('captum')
                   ):
     "Mean share of each zone word's map inside its zone, vs the caption's other words, per zone word"
+    if kind not in ('t2v', 'v2t', 'captum'): raise ValueError(f"kind={kind!r}: choose 't2v', 'v2t' or 'captum'")
     rows = {}
     for i in range(len(dataset) if n is None else min(n, len(dataset))):
         image, caption, _ = dataset[i]
-        al = alignment(learn_or_model, image, caption)
-        maps = al[kind] / al[kind].sum((1, 2), keepdims=True)
-        for j, word in enumerate(al['words']):
+        if kind == 'captum':  # the positive part: the patches a word pushes towards foreground
+            wp = word_patch_attributions(learn_or_model, image, caption, n_steps=n_steps)
+            words, maps = wp['words'], wp['maps'].clip(0)
+        else:
+            al = alignment(learn_or_model, image, caption)
+            words, maps = al['words'], al[kind]
+        maps = maps / np.maximum(maps.sum((1, 2), keepdims=True), 1e-12)
+        for j, word in enumerate(words):
             if word.lower() not in ZONE_BANDS: continue
             zone = zone_region(word, maps.shape[1:])
-            others = [k for k, o in enumerate(al['words']) if o.lower() not in ZONE_BANDS]
+            others = [k for k, o in enumerate(words) if o.lower() not in ZONE_BANDS]
             r = rows.setdefault(word.lower(), dict(word=[], others=[], area=zone.mean()))
             r['word'].append((maps[j] * zone).sum()); r['others'].append((maps[others] * zone).sum((1, 2)).mean())
     return {w: dict(n=len(r['word']), zone_word=float(np.mean(r['word'])), other_words=float(np.mean(r['others'])),
@@ -365,6 +372,21 @@ def zone_word_ranking(learn_or_model, # a RecLMIS or a Learner holding one
         zone += s['zone']; filler += s['filler']
         won += [float(a > b) for a in s['zone'] for b in s['filler']]
     return dict(n=i + 1, zone_words=float(np.mean(zone)), filler_words=float(np.mean(filler)), pairs_won=float(np.mean(won)))
+
+# %% ../nbs/11_interpret.ipynb #9c7f77c4
+def word_patch_attributions(learn_or_model, # a RecLMIS or a Learner holding one
+                            image, # (3,H,W) float in [0,1]
+                            sentence:str, # the sentence
+                            n_steps:int=8, # integration steps per patch
+                            internal_batch_size:int=16, # forwards per batch inside Captum
+                           ):
+    "Per word, a map over the patch grid: integrated gradients of each patch's mean logit on the word (W, h, w)"
+    model = as_model(learn_or_model)
+    h, w = patch_grid(model)
+    scores = [word_attributions(model, image, sentence, region=(i / h, j / w, (i + 1) / h, (j + 1) / w), n_steps=n_steps,
+                                internal_batch_size=internal_batch_size) for i in range(h) for j in range(w)]
+    return dict(words=scores[0]['words'], maps=np.stack([s['scores'] for s in scores], -1).reshape(-1, h, w),
+                delta=max(abs(s['delta']) for s in scores))
 
 # %% ../nbs/11_interpret.ipynb #c2ec5b12
 def swap_words(sentence:str, # the sentence

@@ -19,6 +19,13 @@ def qata_root():
     return QATA
 
 @pytest.fixture(scope='module')
+def synth(request, tmp_path_factory):
+    "A small generated dataset, 8 train / 4 valid / 4 test at 48x48; a test module changes it with `SYNTH = dict(...)`"
+    from reclmis_nb.data import make_synthetic_dataset
+    kw = dict(n_train=8, n_valid=4, n_test=4, size=48, seed=0) | getattr(request.module, 'SYNTH', {})
+    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', **kw)
+
+@pytest.fixture(scope='module')
 def one_thread():
     "Tiny tensors: one thread is fastest, and immune to OpenMP spin-waiting on a busy machine"
     n = torch.get_num_threads()

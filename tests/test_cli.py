@@ -5,13 +5,10 @@ import torch
 from PIL import Image
 
 from reclmis_nb.cli import main
-from reclmis_nb.data import make_synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', n_train=8, n_valid=4, n_test=4, size=48, seed=2)
+SYNTH = dict(seed=2)  # the `synth` fixture of conftest
 
 @pytest.fixture(scope='module')
 def trained(synth, tmp_path_factory):

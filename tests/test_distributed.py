@@ -3,7 +3,6 @@ import csv, json, os, re, socket, subprocess, sys
 import pytest
 import torch
 
-from reclmis_nb.data import make_synthetic_dataset
 from reclmis_nb.learner import evaluate
 
 KEYS = ('dice', 'iou', 'dice_global', 'iou_global')
@@ -28,10 +27,7 @@ def rank_lines(proc):
 def history(run):
     with open(run/'history.csv') as f: return list(csv.DictReader(f))
 
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    "8 train and 5 valid images: 5 does not divide by 2 ranks, so rank 1 repeats one validation image"
-    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', n_train=8, n_valid=5, n_test=2, size=32, seed=1)
+SYNTH = dict(n_valid=5, n_test=2, size=32, seed=1)  # conftest's `synth`: 5 valid images do not divide by 2 ranks, so rank 1 repeats one
 
 @pytest.fixture(scope='module')
 def run(synth, tmp_path_factory):

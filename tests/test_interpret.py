@@ -5,16 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from reclmis_nb.data import make_synthetic_dataset, read_dataset, LangSegDataset, swap_left_right
+from reclmis_nb.data import read_dataset, LangSegDataset, swap_left_right
 from reclmis_nb.learner import train, load_checkpoint
 from reclmis_nb.interpret import (explain, word_attributions, image_attributions, alignment, counterfactuals,
                                   AlignmentExplorer, tokenize_words, ZONE_BANDS)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', n_train=8, n_valid=4, n_test=4, size=48, seed=3)
+SYNTH = dict(seed=3)  # the `synth` fixture of conftest
 
 @pytest.fixture(scope='module')
 def run(synth, tmp_path_factory):

@@ -4,16 +4,12 @@ import pytest
 import torch
 
 from reclmis_nb import learner
-from reclmis_nb.data import make_synthetic_dataset
 from reclmis_nb.learner import train, LossTermMissing, NonFiniteLoss, TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-@pytest.fixture(scope='module')
-def synth(tmp_path_factory):
-    "8 train / 4 valid / 4 test generated samples (2 train batches of 4 per epoch)"
-    return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', n_train=8, n_valid=4, n_test=4, size=32, seed=1)
+SYNTH = dict(size=32, seed=1)  # the `synth` fixture of conftest: 2 train batches of 4 per epoch
 
 def tampered(term, after=0, nan=False):
     "A RecLMIS whose `loss_<term>` is dropped (or made NaN) in every train forward after the first `after`"
