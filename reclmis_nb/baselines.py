@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.overrides import TorchFunctionMode
 from .vision import CBR, UNetEncoder, UNetDecoder
 from .text import TextEncoder
+from .model import LanguageGuidedModel
 from .metrics import seg_loss
 
 # %% ../nbs/10_baselines.ipynb #6c90cdd1
@@ -64,8 +65,8 @@ def baseline_preset(name:str, # a key of BASELINE_PRESETS
     return replace(BASELINE_PRESETS[name], **overrides)
 
 # %% ../nbs/10_baselines.ipynb #35fd88f6
-class SegmentationModel(nn.Module):
-    "Shared by the baselines: `cfg`, a frozen `text_encoder` (or None), `total_loss`, `predict`"
+class SegmentationModel(LanguageGuidedModel):
+    "Shared by the baselines: `cfg`, a frozen `text_encoder` (or None), `total_loss`; `train`/`predict` as RecLMIS's"
     def __init__(self, cfg:BaselineConfig, text_encoder:nn.Module|None=None):
         super().__init__()
         self.cfg = cfg
@@ -85,28 +86,6 @@ class SegmentationModel(nn.Module):
         "The release's loss: weight * (0.5 soft Dice + 0.5 BCE) on the logits"
         return self.cfg.loss_weights['seg'] * seg_loss(out['logits'], mask)
 
-    def train(self, mode:bool=True):
-        "Set train/eval mode; a frozen text encoder always stays in eval mode"
-        super().train(mode)
-        if self.text_encoder is not None: self.text_encoder.eval()
-        return self
-
-    def predict(self,
-                images, # (B, 3, H, W) float in [0, 1]
-                sentences:list, # one caption per image
-               ):
-        "Mask probabilities (B, 1, H, W) from images and sentences"
-        if len(sentences) != len(images):
-            raise ValueError(f'{type(self).__name__}.predict: {len(images)} images but {len(sentences)} sentences; give one sentence per image')
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        feats = mask = None
-        if self.text_encoder is not None:
-            feats, mask = self.text_encoder.encode(list(sentences), device=device)
-        with torch.no_grad(): probs = self(images.to(device), feats, mask)['logits'].sigmoid()
-        self.train(was_training)
-        return probs
 
 # %% ../nbs/10_baselines.ipynb #46fc0c63
 class PlainUpBlock(nn.Module):
