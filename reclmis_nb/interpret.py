@@ -492,6 +492,9 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     if clash := [p for p in paths.values() if p.exists()]:
         raise FileExistsError(f'{clash[0]} exists: choose another --out folder (explain never writes over a file)')
     model, info = load_checkpoint(checkpoint, device)
+    if (arch := info['recipe'].get('arch', 'reclmis')) != 'reclmis':
+        raise ValueError(f'{checkpoint} holds a {arch} model: explain reads RecLMIS attention and interest weights, '
+                         'so it needs a RecLMIS checkpoint')
     out.mkdir(parents=True, exist_ok=True)
     al = alignment(model, img, text)
     attention_figure(al, 't2v').savefig(paths['attention'])
@@ -509,7 +512,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     return paths
 
 # %% ../nbs/11_interpret.ipynb #9f4f2093
-MAPS = {'text -> image': 't2v', 'image -> text': 'v2t', 'Captum': 'captum', 'W_poi': 'poi'}
+MAPS = {'text -> image': 't2v', 'image -> text': 'v2t', 'Captum': 'captum', 'Captum per word': 'word_patches', 'W_poi': 'poi'}
 
 def button_labels(words:list):
     "Unique button labels: a repeated word gets its occurrence as a subscript ('lung', 'lung₂'); the browser needs unique labels"
@@ -540,7 +543,7 @@ class AlignmentExplorer(widgets.VBox):
             dataset = LangSegDataset(splits[split], size=self.model.cfg.image_size)
         if not len(dataset): raise ValueError('the dataset is empty: nothing to explore')
         self.dataset, self.n_steps, self.dpi = dataset, n_steps, dpi
-        self.n_draws, self._captum, self._quiet = 0, {}, False
+        self.n_draws, self._captum, self._word_maps, self._quiet = 0, {}, {}, False
         self.sample = widgets.BoundedIntText(value=index, min=0, max=len(dataset) - 1, description='sample',
                                              layout=widgets.Layout(width='160px'))
         self.opacity = widgets.FloatSlider(value=0.5, min=0, max=1, step=0.05, description='opacity',
@@ -585,6 +588,13 @@ class AlignmentExplorer(widgets.VBox):
                                  image_attributions(*args, n_steps=self.n_steps))
         return self._captum[key]
 
+    def word_maps(self):
+        "`word_patch_attributions` of the current sample and sentence (computed once: one attribution per patch)"
+        key = (self.sample.value, self.al['tokens'].sentence)
+        if key not in self._word_maps:
+            self._word_maps[key] = word_patch_attributions(self.model, self.image, key[1], n_steps=self.n_steps)
+        return self._word_maps[key]
+
     def render(self):
         "The current figure"
         al, kind, j, alpha = self.al, MAPS[self.map.value], self.words.value, self.opacity.value
@@ -595,6 +605,11 @@ class AlignmentExplorer(widgets.VBox):
             draw_heat(ax_img, al['image'], ia['patches'], alpha, wa['region_mask'],
                       f"IG per patch (delta {ia['delta']:+.2g})", 'RdBu_r', symmetric=True)
             word_bar(ax_bar, al['words'], wa['scores'], j, f"IG per word (delta {wa['delta']:+.2g}), region: {wa['region']}")
+        elif kind == 'word_patches':
+            wp = self.word_maps()
+            draw_heat(ax_img, al['image'], wp['maps'][j], alpha, al['probs'], f'"{al["words"][j]}": IG of each patch\'s logit',
+                      'RdBu_r', symmetric=True)
+            word_bar(ax_bar, al['words'], wp['maps'].clip(0).sum((1, 2)), j, 'positive IG summed over the patches')
         else:
             heat = al['poi'] if kind == 'poi' else al[kind][j]
             title = 'W_poi' if kind == 'poi' else f'{self.map.value}: "{al["words"][j]}"'

@@ -119,3 +119,10 @@ def test_cli_explain(run, image_file, tmp_path, capsys):
     assert rc == 0 and len(list((tmp_path/'cli').iterdir())) == 4
     rc = main(['explain', '--checkpoint', str(run/'best.pth'), str(image_file), '--text', ' ', '--out', str(tmp_path/'x')])
     assert rc == 2 and 'empty' in capsys.readouterr().err
+
+def test_explain_refuses_a_baseline_checkpoint(synth, image_file, tmp_path):
+    "A U-Net has no attention to show: one clear error, nothing written"
+    unet = train(synth, 'tiny', epochs=1, out=tmp_path/'unet', device='cpu', progress=False, arch='unet')
+    with pytest.raises(ValueError, match='holds a unet model'):
+        explain(unet/'best.pth', image_file, 'Unilateral pulmonary infection, one infected area, upper left lung.', out=tmp_path/'out')
+    assert not (tmp_path/'out').exists()
