@@ -45,7 +45,7 @@ def cmd_train(args):
         if int(os.environ.get('WORLD_SIZE', 1)) > 1: raise UsageError('--distributed starts torchrun itself: leave it out under a launcher')
         from reclmis_nb.distributed import torchrun_command
         return subprocess.call(torchrun_command(args.distributed, args.argv))
-    over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('text_ablation', args.text_ablation)) if v is not None}
+    over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation)) if v is not None}
     over['arch'] = args.model
     if args.loss_weight:
         if args.model != 'reclmis': raise UsageError(f'--loss-weight changes RecLMIS loss terms; {args.model} has only the segmentation loss')
@@ -146,6 +146,7 @@ def build_parser():
     tr.add_argument('--epochs', type=int, help="maximum epochs (default: the preset's)")
     tr.add_argument('--bs', type=int, help="batch size, over all processes of a distributed run (default: the preset's)")
     tr.add_argument('--lr', type=float, help="learning rate (default: the preset's)")
+    tr.add_argument('--seed', type=int, help="random seed: weights, shuffling, augmentation (default: the preset's, 3407)")
     tr.add_argument('--loss-weight', type=loss_weight, action='append', metavar='TERM=W',
                     help='change a RecLMIS loss weight (seg, ccl, v2t, t2v; 0 switches it off); repeatable')
     tr.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='train and score without the text (ablation)')

@@ -102,9 +102,9 @@ def test_train_baseline_and_ablation_flags(synth, tmp_path, capsys):
     rc, out, _ = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--out', tmp_path/'unet', '--model', 'unet', '--quiet')
     assert rc == 0 and torch.load(tmp_path/'unet'/'last.pth', weights_only=True)['recipe']['arch'] == 'unet'
     rc, out, _ = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', '--out', tmp_path/'abl',
-                     '--loss-weight', 'v2t=0', '--loss-weight', 'ccl=0.5', '--quiet')
+                     '--loss-weight', 'v2t=0', '--loss-weight', 'ccl=0.5', '--seed', '7', '--quiet')
     ck = torch.load(tmp_path/'abl'/'last.pth', weights_only=True)
-    assert rc == 0 and ck['config']['loss_weights'] == dict(seg=5., ccl=0.5, v2t=0., t2v=1.)
+    assert rc == 0 and ck['config']['loss_weights'] == dict(seg=5., ccl=0.5, v2t=0., t2v=1.) and ck['recipe']['seed'] == 7
     assert 'train_v2t' not in ck['history'][0] and 'train_ccl' in ck['history'][0]
     rc, _, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--out', tmp_path/'bad', '--model', 'lvit', '--loss-weight', 'ccl=0')
     assert rc == 2 and 'lvit has only the segmentation loss' in err and not (tmp_path/'bad').exists()
