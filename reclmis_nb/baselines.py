@@ -7,8 +7,8 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/baselines.html.md"""
 # %% auto #0
 __all__ = ['BASELINE_PRESETS', 'PAPER_FIGURES', 'BaselineConfig', 'baseline_preset', 'SegmentationModel', 'PlainUpBlock',
            'PlainUNetDecoder', 'UNet', 'SelfAttention', 'ViTBlock', 'PatchEmbedding', 'TokenConv', 'Reconstruct',
-           'LViTBranch', 'LViT', 'lvit_unused_released', 'build_model', 'used_parameters', 'flop_counter_macs',
-           'thop_count', 'profile', 'profile_table']
+           'LViTBranch', 'LViT', 'lvit_unused_released', 'baseline_config', 'build_model', 'used_parameters',
+           'flop_counter_macs', 'thop_count', 'profile', 'profile_table']
 
 # %% ../nbs/10_baselines.ipynb #fc927d85
 import statistics, time as _time, warnings
@@ -281,6 +281,15 @@ def lvit_unused_released(cfg:BaselineConfig) -> dict:
                 plam_sigmoid_convs=sum(c * c + c for c in w))
 
 # %% ../nbs/10_baselines.ipynb #07bb7ce7
+def baseline_config(model:str, # 'unet' or 'lvit'
+                    preset:str|None=None, # 'paper' (default; 'qata', 'mosmed' mean the same) or 'small'
+                    **overrides): # BaselineConfig fields to change
+    "The configuration of a baseline at a scale: the papers' model, or its 128 x 128 CPU variant"
+    size = 'paper' if preset in (None, 'paper', 'qata', 'mosmed') else preset
+    if size not in ('paper', 'small'):
+        raise ValueError(f"unknown preset {preset!r} for {model}: choose 'paper' (or 'qata', 'mosmed') or 'small'")
+    return baseline_preset(model if size == 'paper' else f'{model}-small', **overrides)
+
 def build_model(model:str, # 'unet', 'lvit' or 'reclmis'
                 preset:str|None=None, # baselines: 'paper' (default; 'qata', 'mosmed' mean the same) or 'small'; RecLMIS: its presets
                 reuse_text_encoder:nn.Module|None=None, # a built frozen TextEncoder to reuse (LViT, RecLMIS)
@@ -290,10 +299,7 @@ def build_model(model:str, # 'unet', 'lvit' or 'reclmis'
         from reclmis_nb.model import RecLMIS, get_preset
         return RecLMIS(get_preset(preset or 'qata', **overrides), text_encoder=reuse_text_encoder, verbose=False)
     if model not in ('unet', 'lvit'): raise ValueError(f"unknown model {model!r}: choose 'unet', 'lvit' or 'reclmis'")
-    size = 'paper' if preset in (None, 'paper', 'qata', 'mosmed') else preset
-    if size not in ('paper', 'small'):
-        raise ValueError(f"unknown preset {preset!r} for {model}: choose 'paper' (or 'qata', 'mosmed') or 'small'")
-    cfg = baseline_preset(model if size == 'paper' else f'{model}-small', **overrides)
+    cfg = baseline_config(model, preset, **overrides)
     return UNet(cfg) if model == 'unet' else LViT(cfg, reuse_text_encoder)
 
 # %% ../nbs/10_baselines.ipynb #5aa821c5

@@ -29,7 +29,7 @@ import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no
 from .data import read_dataset, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
-from .baselines import BaselineConfig, baseline_preset, UNet, LViT
+from .baselines import BaselineConfig, baseline_config, UNet, LViT
 from .distributed import (setup_distributed, leave_distributed, from_rank0, built_once, sum_over_ranks,
                                     shard_bs, data_parallel, unwrap)
 
@@ -86,10 +86,9 @@ TEXT_ABLATIONS = ('shuffle', 'empty')
 def model_config(recipe):
     "The configuration of the model a recipe trains: its RecLMIS preset, or the U-Net / LViT-T of that scale"
     if recipe.arch == 'reclmis': return get_preset(recipe.model, **recipe.model_overrides)
-    paper = recipe.model in ('qata', 'mosmed')
     over = recipe.baseline_overrides
     if recipe.arch == 'unet': over = {k: v for k, v in over.items() if k not in ('text_encoder', 'max_tokens', 'dim')}
-    return baseline_preset(recipe.arch if paper else f'{recipe.arch}-small', **over)
+    return baseline_config(recipe.arch, recipe.model, **over)
 
 def config_from_dict(arch, # 'reclmis', 'unet' or 'lvit'
                      d):   # `asdict` of its configuration, as a checkpoint stores it
