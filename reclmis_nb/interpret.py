@@ -271,6 +271,32 @@ def region_target(logits, # (B,1,S,S) mask logits
     return (logits[:, 0] * region).sum((-2, -1)) / region.sum()
 
 # %% ../nbs/11_interpret.ipynb #027a3579
+def _word_igs(model, image, sentence, regions, n_steps, internal_batch_size):
+    "`word_attributions` for each of `regions`: tokens, image, baseline and the two plain forwards prepared once"
+    te = model.text_encoder
+    tok = tokenize_words(te, sentence)
+    x = model_image(model, image)
+    ids, am = tok.ids.to(x.device), tok.mask.to(x.device)
+    in_words = torch.zeros_like(ids, dtype=torch.bool)
+    in_words[0, [t for p in tok.pieces for t in p]] = True
+    base = ids.masked_fill(in_words, te.pad_id)
+    logits = lambda ids, am: model(x.expand(len(ids), -1, -1, -1), te(ids, am), am)['logits']
+    results = []
+    with eval_mode(model), torch.enable_grad():
+        with torch.no_grad(): full, empty = logits(ids, am), logits(base, am)
+        probs = full[0, 0].sigmoid()
+        for region in regions:
+            reg, how = pick_region(probs, region)
+            lig = LayerIntegratedGradients(lambda ids, am: region_target(logits(ids, am), reg), te.backbone.get_input_embeddings())
+            attr, delta = lig.attribute(ids, base, additional_forward_args=(am,), n_steps=n_steps,
+                                        internal_batch_size=internal_batch_size, return_convergence_delta=True)
+            per_token = attr.detach().sum(-1)[0]
+            results.append(dict(words=tok.words, scores=merge_pieces(per_token, tok.pieces).cpu().numpy(),
+                                token_scores=per_token.cpu().numpy(), target=region_target(full, reg).item(),
+                                baseline_target=region_target(empty, reg).item(), delta=delta.item(),
+                                region=how, region_mask=reg.cpu().numpy(), probs=probs.cpu().numpy()))
+    return results
+
 def word_attributions(learn_or_model, # a RecLMIS or a Learner holding one
                       image, # (3,H,W) float in [0,1]
                       sentence:str, # the sentence
@@ -279,27 +305,7 @@ def word_attributions(learn_or_model, # a RecLMIS or a Learner holding one
                       internal_batch_size:int=16, # forwards per batch inside Captum
                      ):
     "Integrated gradients of the region's mean logit on the token embeddings, one score per word"
-    model = as_model(learn_or_model)
-    te = model.text_encoder
-    tok = tokenize_words(te, sentence)
-    x = model_image(model, image)
-    ids, am = tok.ids.to(x.device), tok.mask.to(x.device)
-    in_words = torch.zeros_like(ids, dtype=torch.bool)
-    in_words[0, [t for p in tok.pieces for t in p]] = True
-    base = ids.masked_fill(in_words, te.pad_id)
-    with eval_mode(model), torch.enable_grad():
-        def target(ids, am): return region_target(model(x.expand(len(ids), -1, -1, -1), te(ids, am), am)['logits'], reg)
-        with torch.no_grad():
-            probs = model(x, te(ids, am), am)['logits'][0, 0].sigmoid()
-            reg, how = pick_region(probs, region)
-            y, y0 = target(ids, am).item(), target(base, am).item()
-        lig = LayerIntegratedGradients(target, te.backbone.get_input_embeddings())
-        attr, delta = lig.attribute(ids, base, additional_forward_args=(am,), n_steps=n_steps,
-                                    internal_batch_size=internal_batch_size, return_convergence_delta=True)
-    per_token = attr.detach().sum(-1)[0]
-    return dict(words=tok.words, scores=merge_pieces(per_token, tok.pieces).cpu().numpy(),
-                token_scores=per_token.cpu().numpy(), target=y, baseline_target=y0, delta=delta.item(),
-                region=how, region_mask=reg.cpu().numpy(), probs=probs.cpu().numpy())
+    return _word_igs(as_model(learn_or_model), image, sentence, [region], n_steps, internal_batch_size)[0]
 
 # %% ../nbs/11_interpret.ipynb #4780d7e6
 def image_attributions(learn_or_model, # a RecLMIS or a Learner holding one
@@ -383,8 +389,8 @@ def word_patch_attributions(learn_or_model, # a RecLMIS or a Learner holding one
     "Per word, a map over the patch grid: integrated gradients of each patch's mean logit on the word (W, h, w)"
     model = as_model(learn_or_model)
     h, w = patch_grid(model)
-    scores = [word_attributions(model, image, sentence, region=(i / h, j / w, (i + 1) / h, (j + 1) / w), n_steps=n_steps,
-                                internal_batch_size=internal_batch_size) for i in range(h) for j in range(w)]
+    boxes = [(i / h, j / w, (i + 1) / h, (j + 1) / w) for i in range(h) for j in range(w)]
+    scores = _word_igs(model, image, sentence, boxes, n_steps, internal_batch_size)
     return dict(words=scores[0]['words'], maps=np.stack([s['scores'] for s in scores], -1).reshape(-1, h, w),
                 delta=max(abs(s['delta']) for s in scores))
 
