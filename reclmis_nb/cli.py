@@ -47,11 +47,15 @@ def cmd_train(args):
         return subprocess.call(torchrun_command(args.distributed, args.argv))
     over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation)) if v is not None}
     over['arch'] = args.model
-    if args.loss_weight:
-        if args.model != 'reclmis': raise UsageError(f'--loss-weight changes RecLMIS loss terms; {args.model} has only the segmentation loss')
+    if args.loss_weight or args.as_released:
+        flag = '--loss-weight' if args.loss_weight else '--as-released'
+        if args.model != 'reclmis': raise UsageError(f'{flag} changes RecLMIS; {args.model} has no such setting')
         from reclmis_nb.learner import get_recipe, model_config
+        from reclmis_nb.model import RELEASE_SWITCHES
         recipe = get_recipe(args.preset)
-        over['model_overrides'] = dict(recipe.model_overrides, loss_weights=model_config(recipe).loss_weights | dict(args.loss_weight))
+        over['model_overrides'] = dict(recipe.model_overrides)
+        if args.loss_weight: over['model_overrides']['loss_weights'] = model_config(recipe).loss_weights | dict(args.loss_weight)
+        if args.as_released: over['model_overrides'] |= RELEASE_SWITCHES
     run = train(args.data, args.preset, epochs=args.epochs, out=args.out, resume=args.resume, device=args.device,
                 stop_after=args.stop_after, progress=not args.quiet, **over)
     if int(os.environ.get('RANK', 0)) == 0: print(f'run folder: {run}')
@@ -149,6 +153,8 @@ def build_parser():
     tr.add_argument('--seed', type=int, help="random seed: weights, shuffling, augmentation (default: the preset's, 3407)")
     tr.add_argument('--loss-weight', type=loss_weight, action='append', metavar='TERM=W',
                     help='change a RecLMIS loss weight (seg, ccl, v2t, t2v; 0 switches it off); repeatable')
+    tr.add_argument('--as-released', action='store_true', help="switch off the `small` preset's three deviations from the "
+                    "release (trunc-normal position embedding, key mask, text residual in the interaction)")
     tr.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='train and score without the text (ablation)')
     tr.add_argument('--distributed', type=int, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')
