@@ -124,7 +124,7 @@ def cmd_demo(args):
     import torch
     torch.set_num_threads(args.threads)
     from reclmis_nb.learner import demo
-    demo(args.out, epochs=args.epochs, device=args.device, progress=not args.quiet)
+    demo(args.out, epochs=args.epochs, device=args.device, progress=not args.quiet, seed=args.seed)
     return 0
 
 # %% ../nbs/90_cli.ipynb #370f9c96
@@ -202,6 +202,7 @@ def build_parser():
     de.add_argument('--out', type=Path, help='new folder for everything (default reclmis-demo-<time>)')
     de.add_argument('--epochs', type=int, help='training epochs (default: the demo\'s)')
     de.add_argument('--device', **dev)
+    de.add_argument('--seed', type=int, help="training seed (default: the recipe's, 3407; the generated data stays the same)")
     de.add_argument('--threads', type=int, default=1, help='CPU threads (default 1: fastest measured for these small tensors)')
     de.add_argument('--quiet', action='store_true', help='no progress bar or table')
     de.set_defaults(func=cmd_demo)

@@ -562,6 +562,7 @@ def demo(out=None,       # new folder for data, run, figure and scores (default 
          device=None,    # torch device (default CUDA when available, else CPU)
          progress=True,  # progress bar and epoch table
          preset='demo',  # recipe to train ('tiny' for tests)
+         seed=None,      # training seed (default: the recipe's, 3407); the generated data stays the same
          **sizes):       # n_train, n_valid, n_test, size: change the generated dataset
     "Generate data, train a preset, score true vs shuffled vs empty sentences, draw predictions; returns the scores"
     import matplotlib.pyplot as plt
@@ -570,7 +571,8 @@ def demo(out=None,       # new folder for data, run, figure and scores (default 
     print(f'generating {cfg["n_train"]}/{cfg["n_valid"]}/{cfg["n_test"]} images of {cfg["size"]}x{cfg["size"]} in {out/"data"}')
     data = make_synthetic_dataset(out/'data', cfg['n_train'], cfg['n_valid'], cfg['n_test'], size=cfg['size'], seed=0,
                                  distractors=cfg['distractors'])
-    run = train(data, preset, epochs=epochs or cfg['epochs'], out=out/'run', device=device, progress=progress)
+    run = train(data, preset, epochs=epochs or cfg['epochs'], out=out/'run', device=device, progress=progress,
+                **({} if seed is None else dict(seed=seed)))
     model, info = load_checkpoint(run/'best.pth', device)
     test = read_dataset(data).splits['test']
     scores = {k or 'true': score(model, ablate_text(test, k)) for k in (None, 'shuffle', 'empty')}
