@@ -48,8 +48,9 @@ def cmd_train(args):
     over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation)) if v is not None}
     over['arch'] = args.model
     if args.loss_weight or args.as_released:
-        flag = '--loss-weight' if args.loss_weight else '--as-released'
-        if args.model != 'reclmis': raise UsageError(f'{flag} changes RecLMIS; {args.model} has no such setting')
+        if args.model != 'reclmis':
+            raise UsageError(f'--loss-weight changes RecLMIS loss terms; {args.model} has only the segmentation loss' if args.loss_weight
+                             else f"--as-released changes RecLMIS's interaction; {args.model} has no such switches")
         from reclmis_nb.learner import get_recipe, model_config
         from reclmis_nb.model import RELEASE_SWITCHES
         recipe = get_recipe(args.preset)
