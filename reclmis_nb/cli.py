@@ -93,8 +93,9 @@ def cmd_eval(args):
     "Print the scores of a checkpoint on a split (JSON with --json)"
     from reclmis_nb.learner import evaluate
     from reclmis_nb.data import require_clean
-    if not args.no_check: require_clean(_exists(args.data, 'dataset folder'), (args.split,), f'evaluating the {args.split} split')
-    res = evaluate(_exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder'), args.split,
+    checkpoint, root = _exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder')
+    if not args.no_check: require_clean(root, (args.split,), f'evaluating the {args.split} split')
+    res = evaluate(checkpoint, root, args.split,
                    native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device)
     if args.json: print(json.dumps(res))
     else: print('\n'.join(f'{k:14s} {v:.4f}' if isinstance(v, float) else f'{k:14s} {v}' for k, v in res.items()))
