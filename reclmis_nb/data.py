@@ -6,15 +6,15 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/data.html.md"""
 
 # %% auto #0
 __all__ = ['ZONES', 'SIDES', 'COUNT_WORDS', 'LAYOUTS', 'GUIDEDECODER_VALID_FRACTION', 'IMAGE_EXTS', 'SPLIT_NAMES', 'AUGMENTS',
-           'SGSEG_COMMIT', 'SGSEG_URL', 'QATA_COUNTS', 'DatasetError', 'decode', 'load_image', 'load_mask',
+           'SGSEG_COMMIT', 'SGSEG_URL', 'QATA_COUNTS', 'DatasetError', 'Notice', 'decode', 'load_image', 'load_mask',
            'zone_caption', 'caption_zones', 'synthetic_sample', 'make_synthetic_dataset', 'Sample', 'DatasetIndex',
            'norm_split', 'read_text_table', 'read_annotation_json', 'detect_layout', 'read_dataset', 'check_dataset',
-           'format_report', 'resize_pair', 'lvit_eof_pad', 'swap_left_right', 'hflip', 'rotate', 'gaussian_blur',
-           'adjust_saturation', 'rotate_hue', 'photometric', 'released_augment', 'consistent_augment', 'LangSegDataset',
-           'DownloadError', 'unpack_folder', 'download_qata']
+           'DatasetProblems', 'require_clean', 'format_report', 'resize_pair', 'lvit_eof_pad', 'swap_left_right',
+           'hflip', 'rotate', 'gaussian_blur', 'adjust_saturation', 'rotate_hue', 'photometric', 'released_augment',
+           'consistent_augment', 'LangSegDataset', 'DownloadError', 'unpack_folder', 'download_qata']
 
 # %% ../nbs/01_data.ipynb #e9a80dbb
-import json, re, shutil, tempfile, urllib.error, urllib.parse, urllib.request, zipfile
+import json, re, shutil, tempfile, urllib.error, urllib.parse, urllib.request, warnings, zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,6 +30,9 @@ from torch.utils.data import Dataset
 # %% ../nbs/01_data.ipynb #e4483daa
 class DatasetError(ValueError):
     "A dataset folder or file that cannot be read: the message names it and what to do"
+
+class Notice(UserWarning):
+    "The library changed what the user gave (mask values, a cut sentence, undrawable glyphs): one line says how"
 
 def decode(path # image file
           ):
@@ -53,8 +56,13 @@ def load_image(path # image file: 8/16-bit, grayscale/RGB/palette
 
 def load_mask(path # mask file: 0/1, 0/255, palette or RGB
              ):
-    "Mask as a float tensor (1,H,W) in {0,1}: any non-zero (non-black) pixel is foreground"
+    "Mask as a float tensor (1,H,W) in {0,1}: any non-zero (non-black) pixel is foreground; a `Notice` if several values are"
     a, _ = decode(path)
+    px = a.reshape(-1, a.shape[-1] if a.ndim == 3 else 1)
+    if len(fg := np.unique(px[px.any(-1)], axis=0)) > 1:   # several labels (palette indices, colours) merged into one
+        vals = [str(v[0]) if len(v) == 1 else str(tuple(v.tolist())) for v in fg]
+        warnings.warn(Notice(f'a mask has {len(vals)} non-zero values ({", ".join(vals[:6])}{", ..." if len(vals) > 6 else ""}): '
+                             'all became foreground; masks should be 0/1 or 0/255'))
     if a.ndim == 3: a = a.max(-1)
     return torch.from_numpy(a > 0).float()[None]
 
@@ -406,12 +414,14 @@ def _decode_checked(path, root, problems):
         problems.append(f'unreadable file: {_rel(path, root)} ({type(e).__name__}: {e})')
         return None
 
-def check_dataset(root # dataset folder in any of `LAYOUTS`
+def check_dataset(root, # dataset folder in any of `LAYOUTS`
+                  only=None, # names of the splits whose files are decoded (default: all)
                  ):
     "Validate `root` without changing it: {'layout', 'splits': {name: {'n', ...}}, 'problems': [str]}"
     idx = read_dataset(root)
     problems, splits = list(idx.problems), {}
     for split, samples in idx.splits.items():
+        if only is not None and split not in only: continue
         sizes, modes, n, empty = Counter(), Counter(), 0, 0
         for s in samples:
             img, mask = _decode_checked(s.image, idx.root, problems), _decode_checked(s.mask, idx.root, problems)
@@ -430,6 +440,21 @@ def check_dataset(root # dataset folder in any of `LAYOUTS`
                              caption_words=dict(min=min(words), mean=round(float(np.mean(words)), 2), max=max(words)) if words else None,
                              distinct_captions=len({s.caption for s in samples}), case_duplicates=idx.case_duplicates.get(split, 0))
     return dict(layout=idx.layout, splits=splits, problems=problems)
+
+class DatasetProblems(DatasetError):
+    "A dataset whose files would fail a run: `problems` lists them (the CLI exits 1, as `data check` does)"
+    def __init__(self, msg, problems): super().__init__(msg); self.problems = problems
+
+def require_clean(root, # dataset folder
+                  only, # splits a command is about to read, e.g. ('train', 'valid')
+                  what='training', # the command, for the message
+                  shown=5): # problems listed in the message
+    "`check_dataset(root, only)`; `DatasetProblems` listing the problems before any work when there are any"
+    problems = check_dataset(root, only)['problems']
+    if not problems: return
+    more = f'\n  ... and {len(problems) - shown} more' if len(problems) > shown else ''
+    raise DatasetProblems(f'{root}: {len(problems)} problem(s) found before {what} (`reclmis data check {root}` lists them; '
+                          '--no-check skips this check)\n' + '\n'.join(f'  - {p}' for p in problems[:shown]) + more, problems)
 
 def format_report(report, # a `check_dataset` result
                   max_problems=20 # problems listed before '... and N more'
@@ -571,7 +596,12 @@ class LangSegDataset(Dataset):
         s = self.samples[i]
         if s.mask is None or s.caption is None:
             raise DatasetError(f'{s.image}: sample {s.name!r} has no mask or no caption; LangSegDataset needs both')
-        image, mask = resize_pair(load_image(s.image), load_mask(s.mask), self.size)
+        try: image, mask = load_image(s.image), load_mask(s.mask)
+        except DatasetError: raise
+        except Exception as e:
+            raise DatasetError(f'{s.image} or its mask {s.mask} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                               'run `reclmis data check` on the dataset') from e
+        image, mask = resize_pair(image, mask, self.size)
         caption = s.caption
         if self.augment is not None: image, mask, caption = self.augment(image, mask, caption, self.generator)
         return image, lvit_eof_pad(caption) if self.lvit_pad else caption, mask

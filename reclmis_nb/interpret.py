@@ -10,10 +10,10 @@ __all__ = ['ZONE_BANDS', 'FILLER_WORDS', 'EDITS', 'MAPS', 'as_model', 'eval_mode
            'attention_figure', 'peak', 'word_bar', 'zone_region', 'zone_alignment', 'format_zones', 'pick_region',
            'region_target', 'word_attributions', 'image_attributions', 'captum_figure', 'zone_word_ranking',
            'word_patch_attributions', 'swap_words', 'swap_area_count', 'counterfactuals', 'counterfactual_figure',
-           'text_sensitivity', 'explain', 'button_labels', 'AlignmentExplorer']
+           'text_sensitivity', 'missing_glyphs', 'explain', 'button_labels', 'AlignmentExplorer']
 
 # %% ../nbs/11_interpret.ipynb #01b5010f
-import contextlib, io, json, re
+import contextlib, io, json, re, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from captum.attr import LayerIntegratedGradients, IntegratedGradients, Saliency
 import ipywidgets as widgets
 
-from .data import load_image, swap_left_right, read_dataset, LangSegDataset
+from .data import Notice, load_image, swap_left_right, read_dataset, LangSegDataset
 
 # %% ../nbs/11_interpret.ipynb #2ebc20ff
 def as_model(learn_or_model, # a RecLMIS, or a fastai Learner whose .model is one
@@ -476,6 +476,13 @@ def text_sensitivity(learn_or_model, # a RecLMIS or a Learner holding one
                 left_share={k: float(np.mean(v)) if v else None for k, v in left.items()})
 
 # %% ../nbs/11_interpret.ipynb #cb071981
+def missing_glyphs(text:str # a sentence to draw
+                  ):
+    "The characters of `text` that matplotlib's default font cannot draw (they would show as boxes)"
+    from matplotlib import font_manager
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    return sorted({ch for ch in text if not ch.isspace() and font.get_char_index(ord(ch)) == 0})
+
 def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             image, # image file (PNG, JPEG, ...)
             text:str, # the sentence
@@ -485,9 +492,10 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             region=None, # what the word scores explain: see `pick_region` (default: the predicted mask)
            ):
     "Write <stem>_attention.png, <stem>_words.png, <stem>_words.json and <stem>_counterfactual.png; returns their paths"
-    from reclmis_nb.learner import load_checkpoint
+    from reclmis_nb.learner import load_checkpoint, all_or_nothing
     if not isinstance(text, str) or not text.strip():
         raise ValueError('the sentence is empty: pass --text "a description of the region to segment"')
+    if n_steps < 1: raise ValueError(f'n_steps={n_steps}: the word scores need at least 1 integration step (--steps)')
     image = Path(image)
     if not image.is_file(): raise FileNotFoundError(f'image {image} not found')
     try: img = load_image(image)
@@ -501,20 +509,24 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     if (arch := info['recipe'].get('arch', 'reclmis')) != 'reclmis':
         raise ValueError(f'{checkpoint} holds a {arch} model: explain reads RecLMIS attention and interest weights, '
                          'so it needs a RecLMIS checkpoint')
-    out.mkdir(parents=True, exist_ok=True)
     al = alignment(model, img, text)
-    attention_figure(al, 't2v').savefig(paths['attention'])
     wa = word_attributions(model, img, text, region=region, n_steps=n_steps)
-    captum_figure(wa).savefig(paths['words_png'])
     cfs = counterfactuals(model, img, text)
-    counterfactual_figure(cfs).savefig(paths['counterfactual'])
     summary = dict(checkpoint=str(checkpoint), image=str(image), sentence=text, preset=info['preset'],
                    words=wa['words'], scores=[float(v) for v in wa['scores']], W_woi=[float(v) for v in al['woi']],
                    target=wa['target'], baseline_target=wa['baseline_target'], convergence_delta=wa['delta'],
                    n_steps=n_steps, region=wa['region'], foreground=float((al['probs'] > 0.5).mean()),
                    counterfactuals={c['edit']: dict(sentence=c['sentence'], mean_abs_change=c['changed'])
                                     for c in cfs['results'][1:]})
-    paths['words_json'].write_text(json.dumps(summary, indent=1))
+    if missing := missing_glyphs(text):
+        warnings.warn(Notice(f"the figures' font has no glyph for {len(missing)} character(s) of the sentence "
+                             f"({''.join(missing[:10])}): they show as boxes; the JSON keeps them"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = ('attention', 'words_png', 'counterfactual', 'words_json')
+    with warnings.catch_warnings(), all_or_nothing([paths[k] for k in names]) as tmps:
+        warnings.filterwarnings('ignore', message='Glyph .* missing from font')   # said once, above
+        for fig, p in zip((attention_figure(al, 't2v'), captum_figure(wa), counterfactual_figure(cfs)), tmps): fig.savefig(p)
+        tmps[-1].write_text(json.dumps(summary, indent=1))
     return paths
 
 # %% ../nbs/11_interpret.ipynb #9f4f2093

@@ -8,12 +8,14 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/learner.html.md"""
 __all__ = ['TINY_MODEL', 'TINY_BASELINE', 'RECIPES', 'ARCHS', 'TEXT_ABLATIONS', 'LOSS_TERMS', 'SEG_KEYS', 'DEMO', 'Recipe',
            'get_recipe', 'model_config', 'config_from_dict', 'model_from_config', 'lr_at', 'EpochLR', 'torch_adam',
            'CaptionFeatures', 'WithTextFeatures', 'LossTermMissing', 'NonFiniteLoss', 'RecLMISObjective', 'SegScore',
-           'seg_metrics', 'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner', 'atomic_save', 'trainable_state',
-           'RunCheckpoint', 'new_run_dir', 'derangement', 'ablate_text', 'format_run', 'load_weights', 'train',
-           'load_checkpoint', 'score', 'evaluate', 'predict_image', 'overlay', 'show_predictions', 'demo']
+           'seg_metrics', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner',
+           'atomic_save', 'all_or_nothing', 'trainable_state', 'RunCheckpoint', 'new_run_dir', 'derangement',
+           'ablate_text', 'TrainingInterrupted', 'interrupted_message', 'resume_checkpoint', 'refuse_changes',
+           'format_run', 'load_weights', 'train', 'load_checkpoint', 'score', 'evaluate', 'as_image', 'predict_image',
+           'overlay', 'show_predictions', 'demo']
 
 # %% ../nbs/08_learner.ipynb #c366fe71
-import contextlib, csv, json, math, os, random, time
+import contextlib, csv, json, math, os, random, shlex, time
 from dataclasses import dataclass, field, asdict, replace, fields
 from pathlib import Path
 
@@ -24,9 +26,10 @@ from fastai.basics import Learner, DataLoaders, Callback, Metric, ValueMetric, O
 from fastai.basics import CancelFitException, CancelEpochException
 from fastai.data.load import DataLoader
 from fastai.callback.tracker import TrackerCallback
+from fastai.callback.progress import ProgressCallback
 import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
 
-from .data import read_dataset, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right
+from .data import read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import BaselineConfig, baseline_config, UNet, LViT
@@ -78,6 +81,10 @@ def get_recipe(name, # a key of `RECIPES`
     if recipe.arch not in ARCHS: raise ValueError(f'unknown model {recipe.arch!r}: choose one of {", ".join(ARCHS)}')
     if recipe.text_ablation not in (None, *TEXT_ABLATIONS):
         raise ValueError(f'unknown text ablation {recipe.text_ablation!r}: choose one of {", ".join(TEXT_ABLATIONS)}')
+    if recipe.epochs < 1: raise ValueError(f'epochs={recipe.epochs}: a run needs at least 1 epoch')
+    if recipe.bs < 1: raise ValueError(f'bs={recipe.bs}: a batch needs at least 1 image')
+    if not 0 < recipe.lr <= 1:  # Adam moves every weight by about lr per step: above 1 the first steps destroy the model
+        raise ValueError(f'lr={recipe.lr:g}: the learning rate must be in (0, 1] (the presets use 3e-4 to 2e-3)')
     return recipe
 
 ARCHS = ('reclmis', 'unet', 'lvit')
@@ -241,8 +248,20 @@ def seg_metrics(threshold=0.5 # probability above which a pixel is foreground
     return [SegScore(k, acc, i == 0) for i, k in enumerate(SEG_KEYS)]
 
 # %% ../nbs/08_learner.ipynb #06b58f47
+class ResumableProgress(ProgressCallback):
+    "fastai's progress bars, the master bar over the epochs this fit runs (from `learn.first_epoch`)"
+    name = 'progress'   # what `learn.no_bar()` removes
+    def before_fit(self):
+        super().before_fit()
+        if getattr(self, 'mbar', False): self.mbar.main_bar.total = self.n_epoch - self.first_epoch
+    def before_epoch(self):
+        if getattr(self, 'mbar', False): self.mbar.update(self.epoch - self.first_epoch)
+
 class RecLMISLearner(Learner):
     "A fastai `Learner` whose `fit` can start at `start_epoch` and raises a callback's recorded failure"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._grab_cbs(ProgressCallback): self.remove_cb(ProgressCallback).add_cb(ResumableProgress())
     def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
         self.first_epoch, self.failure = start_epoch, None
         super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt)
@@ -256,8 +275,18 @@ class RecLMISLearner(Learner):
 # %% ../nbs/08_learner.ipynb #9110c5cb
 def pick_device(device=None # 'cpu', 'cuda', 'cuda:1', ...; None: CUDA when available
                ):
-    "The torch device to run on"
-    return torch.device(device if device else 'cuda' if torch.cuda.is_available() else 'cpu')
+    "The torch device to run on; a `ValueError` naming the device when it is not one, or not on this machine"
+    if not device: return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N (torch's device names)") from None
+    if d.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0: raise ValueError(f'device {device!r}: this machine has no CUDA GPU (torch sees none); use --device cpu')
+        if (d.index or 0) >= n: raise ValueError(f'device {device!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}')
+    elif d.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'device {device!r}: MPS is not available on this machine; use --device cpu')
+    return d
 
 def text_dls(train_ds, valid_ds, # (image, caption, mask) datasets
              feats,              # `CaptionFeatures` covering their captions
@@ -291,6 +320,18 @@ def atomic_save(obj, path):
     tmp = path.with_name(path.name + '.tmp')
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+@contextlib.contextmanager
+def all_or_nothing(paths # the files a command writes
+                  ):
+    "Temporary names for `paths` (their suffixes kept, so formats are too): renamed to `paths` if the block succeeds, removed if not"
+    paths = [Path(p) for p in paths]
+    tmps = [p.with_name(f'.{p.stem}.partial{p.suffix}') for p in paths]
+    try:
+        yield tmps
+        for t, p in zip(tmps, paths): os.replace(t, p)
+    finally:
+        for t in tmps: t.unlink(missing_ok=True)
 
 def trainable_state(model):
     "The state dict to save: everything but a pretrained text encoder (rebuilt from the configuration on load)"
@@ -381,6 +422,44 @@ def ablate_text(samples,     # `Sample`s
     if kind == 'shuffle': return [replace(s, caption=samples[j].caption) for s, j in zip(samples, derangement(len(samples), seed))]
     raise ValueError(f'unknown text ablation {kind!r}: choose one of {", ".join(TEXT_ABLATIONS)}')
 
+# %% ../nbs/08_learner.ipynb #390b38be
+class TrainingInterrupted(KeyboardInterrupt):
+    "Ctrl-C during `train`; the message says which epoch was reached, what was kept and how to continue"
+
+def interrupted_message(run_dir, # the run folder
+                        epoch,   # 0-based epoch running when the interrupt came
+                        epochs,  # the run's epoch count
+                        done):   # epochs finished and saved in last.pth
+    "One line: the epoch reached, the checkpoint kept, and the exact command that continues the run"
+    if not done: return (f'interrupted in epoch {epoch + 1} of {epochs}, before any epoch finished, so nothing was kept: '
+                         f'delete {run_dir} and start again')
+    return (f'interrupted in epoch {epoch + 1} of {epochs}; {run_dir}/last.pth keeps the {done} finished epoch(s); '
+            f'continue with: reclmis train --resume {shlex.quote(str(run_dir))}')
+
+def resume_checkpoint(run_dir # folder of the run to resume
+                     ):
+    "`run_dir/last.pth`, or a `FileNotFoundError` saying why there is none and how to start again"
+    run_dir = Path(run_dir)
+    if (last := run_dir/'last.pth').exists(): return last
+    if not (run_dir/'run.json').exists():
+        raise FileNotFoundError(f'{run_dir} is not a run folder (no run.json, no last.pth): --resume needs the folder a run wrote')
+    try: meta = json.loads((run_dir/'run.json').read_text()); how = f" (data {meta['data']}, preset {meta['preset']})"
+    except (ValueError, KeyError): how = ''
+    raise FileNotFoundError(f'{run_dir} has no last.pth: the run stopped before its first epoch was saved, so there is nothing '
+                            f'to resume; delete the folder (rm -r {shlex.quote(str(run_dir))}) and start the run again{how}')
+
+_FLAG = dict(arch='model')  # a recipe field by the name of its `reclmis train` flag
+
+def refuse_changes(run_dir, # the run being resumed
+                   ck,      # its last.pth
+                   given):  # settings passed with `resume` (None: not given): data, preset, epochs, Recipe fields
+    "A `ValueError` naming each given setting that differs from the run's: a resumed run continues as it was started"
+    run = dict(ck['recipe'], data=ck['data'], preset=ck['preset'])
+    def same(k, v): return Path(v).resolve() == Path(run['data']).resolve() if k == 'data' else v == run.get(k)
+    diffs = [f"{_FLAG.get(k, k)} {v} (the run's: {run.get(k)})" for k, v in given.items() if v is not None and not same(k, v)]
+    if diffs: raise ValueError(f'--resume continues {run_dir} as it was started, but {"; ".join(diffs)} differ: leave them '
+                               'out to resume, or start a new run with another --out')
+
 # %% ../nbs/08_learner.ipynb #a5718bd6
 def _train_captions(samples, augment):
     "Every caption training can show: the samples' own, and their left/right-swapped versions when flips are on"
@@ -406,34 +485,38 @@ def _read_ckpt(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 def train(root=None,        # dataset folder (any layout `read_dataset` knows); default when resuming: the run's
-          preset='small',   # a key of `RECIPES`
+          preset=None,      # a key of `RECIPES` (default 'small'; when resuming: the run's)
           epochs=None,      # maximum epochs (default: the recipe's)
           out=None,         # new run folder (must not exist or be empty); default runs/<preset>-<timestamp>
           resume=None,      # folder of an interrupted run: continue it to its epoch count
           device=None,      # torch device; CUDA when available
           stop_after=None,  # stop after this many epochs as an interruption would (tests)
           progress=True,    # fastai's progress bar and epoch table
+          check=True,       # decode every file of the train and valid splits before the first batch (`require_clean`)
           **overrides):     # `Recipe` fields to change (arch, bs, lr, model_overrides, text_ablation, ...)
     "Train RecLMIS (or a baseline) with a recipe; returns the run folder (run.json, last.pth, best.pth, history.csv)"
     device = setup_distributed(pick_device(device))  # this process's device; joins the group of a torchrun launch
     if resume is not None:
         run_dir = Path(resume)
-        ck = _read_ckpt(run_dir/'last.pth')
+        ck = _read_ckpt(resume_checkpoint(run_dir))
         recipe = Recipe(**ck['recipe'])
         cfg = config_from_dict(recipe.arch, ck['config'])
-        if epochs is not None and epochs != recipe.epochs:
-            raise ValueError(f'epochs={epochs} differs from the {recipe.epochs} of the run being resumed ({run_dir})')
+        refuse_changes(run_dir, ck, dict(overrides, data=root, preset=preset, epochs=epochs))
         if ck['epochs_done'] >= recipe.epochs:
             print(f'{run_dir} has finished its {recipe.epochs} epochs: nothing to resume'); return run_dir
-        root = Path(root or ck['data'])
+        root = Path(ck['data'])
     else:
         if root is None: raise ValueError('a dataset folder is needed to start a run')
-        recipe = get_recipe(preset, **overrides, **({} if epochs is None else dict(epochs=epochs)))
+        recipe = get_recipe(preset or 'small', **overrides, **({} if epochs is None else dict(epochs=epochs)))
         cfg, root, ck = model_config(recipe), Path(root), None
-        run_dir = from_rank0(new_run_dir, out, recipe.name)
+    if stop_after is not None and stop_after < 1: raise ValueError(f'stop_after={stop_after}: stop after at least 1 epoch')
+    if check: require_clean(root, ('train', 'valid'), 'training')   # seconds, before any folder or batch
     index = read_dataset(root)
     for split in ('train', 'valid'):
-        if not index.splits.get(split): raise ValueError(f'{root}: no {split!r} samples in this {index.layout} dataset')
+        if not index.splits.get(split):
+            why = f' (first problem: {index.problems[0]})' if index.problems else ''
+            raise ValueError(f'{root}: no {split!r} samples in this {index.layout} dataset{why}')
+    if ck is None: run_dir = from_rank0(new_run_dir, out, recipe.name)
     rank0 = rank_distrib() == 0
     if rank0: print(format_run(recipe, cfg, device, root))
     set_seed(recipe.seed)
@@ -458,7 +541,9 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     elif rank0: (run_dir/'run.json').write_text(json.dumps(meta, indent=1))
     quiet = contextlib.ExitStack()
     if not progress: quiet.enter_context(learn.no_bar()); quiet.enter_context(learn.no_logging())
-    with quiet, data_parallel(learn): learn.fit(recipe.epochs, start_epoch=0 if ck is None else ck['epochs_done'])
+    try:
+        with quiet, data_parallel(learn): learn.fit(recipe.epochs, start_epoch=0 if ck is None else ck['epochs_done'])
+    except KeyboardInterrupt: raise TrainingInterrupted(interrupted_message(run_dir, getattr(learn, 'epoch', 0), recipe.epochs, len(ckpt.history))) from None
     leave_distributed()
     return run_dir
 
@@ -508,7 +593,10 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
     model, info = load_checkpoint(checkpoint, device)
     text_ablation = text_ablation or info['recipe'].get('text_ablation')
     index = read_dataset(root)
-    if not index.splits.get(split): raise ValueError(f'{root}: no {split!r} samples (found {", ".join(index.splits)})')
+    if split not in index.splits: raise ValueError(f'{root} has no {split!r} split (it has {", ".join(index.splits)}): choose one of those')
+    if not index.splits[split]:
+        raise ValueError(f'the {split!r} split of {root} has no complete sample ({len(index.problems)} problems: '
+                         f'`reclmis data check {root}` lists them)')
     samples = index.splits[split]
     ablated = ablate_text(samples, text_ablation, seed)
     res = score(model, ablated, native_grid, bs)
@@ -517,13 +605,41 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
                 model=info['recipe'].get('arch', 'reclmis'), preset=info['preset'], epochs_done=info['epochs_done'], checkpoint=str(checkpoint))
 
 # %% ../nbs/08_learner.ipynb #db7a2af9
+def as_image(image # a path, PIL image, numpy array (H,W) / (H,W,C), or tensor (H,W) / (C,H,W) / (1,C,H,W)
+            ):
+    "The image as a (3,H,W) float tensor in [0,1]: uint8 scaled by 1/255, grey repeated; anything else refused by name"
+    from PIL import Image
+    if isinstance(image, (str, Path)): return load_image(image)
+    if isinstance(image, Image.Image): image = np.asarray(image.convert('RGB'))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] in (1, 3, 4): image = image.transpose(2, 0, 1)   # numpy/PIL order: channels last
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f'image is a {type(image).__name__}: pass a path, a PIL image, a numpy array or a tensor')
+    shape = tuple(image.shape)
+    if image.ndim == 4 and shape[0] == 1: image = image[0]
+    if image.ndim == 2: image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f'image of shape {shape}: expected (H, W), (C, H, W) or (1, C, H, W) with C = 1, 3 or 4 '
+                         '(one image; for a batch call model.predict)')
+    image = image[:3].expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    if image.dtype == torch.uint8: return image.float() / 255
+    if not image.is_floating_point(): raise TypeError(f'image of dtype {image.dtype}: pass uint8 (0-255) or floats in [0, 1]')
+    lo, hi = image.min().item(), image.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(f'image values span [{lo:g}, {hi:g}]: floats must lie in [0, 1] (divide 0-255 images by 255, '
+                         'or pass them as uint8)')
+    return image.float()
+
 @torch.inference_mode()
 def predict_image(model,     # a RecLMIS in eval mode
-                  image,     # (3,H,W) float in [0,1], any size
+                  image,     # anything `as_image` takes: a path, PIL image, numpy array or tensor, any size
                   sentence,  # what to segment
                  ):
     "Mask probabilities (1,H,W) on the image's own grid, from the image and the sentence alone"
-    if not sentence or not sentence.strip(): raise ValueError('the sentence is empty: describe what to segment')
+    if not isinstance(sentence, str): raise TypeError(f'sentence is a {type(sentence).__name__}: pass one string')
+    if not sentence.strip(): raise ValueError('the sentence is empty: describe what to segment')
+    image = as_image(image)
     S, device = model.cfg.image_size, next(model.parameters()).device
     x = F.interpolate(image[None].float(), size=(S, S), mode='bilinear', align_corners=False)
     with _autocast(device): p = model.predict(x, [sentence])

@@ -109,6 +109,10 @@ class LanguageGuidedModel(nn.Module):
                 sentences:list, # one caption per image
                ):
         "Mask probabilities (B, 1, S, S) from images and sentences, on the inference path"
+        if isinstance(sentences, str):
+            if len(images) != 1: raise ValueError(f'{type(self).__name__}.predict: one sentence (a string) for {len(images)} images; '
+                                                  'pass a list with one sentence per image')
+            sentences = [sentences]
         if len(sentences) != len(images):
             raise ValueError(f'{type(self).__name__}.predict: {len(images)} images but {len(sentences)} sentences; '
                              'give one sentence per image')

@@ -58,7 +58,8 @@ def conditioned_mask(x,              # (B, L, d) tokens to mask
         if w.device.type != 'meta' and not ((w >= 0) & w.isfinite()).all():
             raise ValueError('conditioned_mask: weights must be finite and >= 0 (got '
                              f'min {w.min().item()}, any non-finite: {not w.isfinite().all().item()}); '
-                             'pass softmax weights such as W_poi / W_woi')
+                             'pass softmax weights such as W_poi / W_woi; in training, non-finite weights mean the '
+                             'run diverged: lower the learning rate')
         u = torch.rand(w.shape, generator=generator, device=w.device)  # float32: the same draw for every dtype
         gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny))).to(w.dtype)
         positive = valid & (w > 0)

@@ -11,7 +11,7 @@ __all__ = ['CLIP_HUB_ID', 'CLIP_N_MERGES', 'TINY_WORDS', 'MINILM_PACKAGE', 'CXR_
            'TextEncoder']
 
 # %% ../nbs/03_text.ipynb #951c2ce8
-import contextlib, gzip, importlib.util, json, os, socket
+import contextlib, gzip, importlib.util, json, os, socket, warnings
 from pathlib import Path
 from urllib.parse import urlparse
 import torch
@@ -21,6 +21,7 @@ from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, Bert
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as hf_logging
 import huggingface_hub.constants
+from .data import Notice
 
 # %% ../nbs/03_text.ipynb #d773352b
 CLIP_HUB_ID = 'openai/clip-vit-base-patch32'
@@ -215,6 +216,10 @@ class TextEncoder(nn.Module):
         if isinstance(sentences, str): sentences = [sentences]
         for i, s in enumerate(sentences):
             if not isinstance(s, str): raise TypeError(f'sentence {i} is {s!r}, not a string: every image needs a caption')
+        extra = self.tokenizer.num_special_tokens_to_add()
+        if any(len(self.tokenizer.tokenize(s)) + extra > self.max_tokens for s in sentences):
+            warnings.warn(Notice(f"a sentence is longer than the text encoder's limit of {self.max_tokens} tokens: it was cut "
+                                 f"to its first {self.max_tokens - extra} word pieces (plus {extra} start/end tokens)"))
         enc = self.tokenizer(list(sentences), padding='max_length', truncation=True, max_length=self.max_tokens,
                              return_tensors='pt')
         mask = enc['attention_mask'].long()
