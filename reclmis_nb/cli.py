@@ -71,7 +71,7 @@ def cmd_eval(args):
     "Print the scores of a checkpoint on a split (JSON with --json)"
     from reclmis_nb.learner import evaluate
     res = evaluate(_exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder'), args.split,
-                   native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device)
+                   native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device, bs=args.bs)
     if args.json: print(json.dumps(res))
     else: print('\n'.join(f'{k:14s} {v:.4f}' if isinstance(v, float) else f'{k:14s} {v}' for k, v in res.items()))
     return 0
@@ -176,6 +176,7 @@ def build_parser():
     ev.add_argument('--native-grid', action='store_true', help="score on each mask's native size")
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
     ev.add_argument('--json', action='store_true', help='print one JSON object')
+    ev.add_argument('--bs', type=int, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)
     ev.set_defaults(func=cmd_eval)
 

@@ -11,7 +11,7 @@ __all__ = ['RELEASE_RULES', 'RECON_PARTS', 'RELEASE_UNUSED', 'CLIP_RULES', 'RELE
            'model_input', 'checkpoint_kind', 'load_release', 'release_arrays', 'release_training_forward']
 
 # %% ../nbs/07a_release.ipynb #43744f07
-import html, pickle, re
+import html, pickle, re, sys
 from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
@@ -281,7 +281,7 @@ def load_release(ck, # a release checkpoint dict (from `read_checkpoint`) or its
               f"encoder (logit scale {text.logit_scale:.4g}), {len(unused)} deliberately unused "
               f"(CLIP image tower, PLAM sigmoid convs, first-stack cross-attention)\n"
               "  pipeline 'release': image BGR, cv2 INTER_LINEAR resize, /255, no normalisation; captions padded with "
-              "' EOF XXX' below 9 words; CLIP tokens (18), mask = real tokens")
+              "' EOF XXX' below 9 words; CLIP tokens (18), mask = real tokens", file=sys.stderr)  # stdout stays for --json
     info = dict(preset=cfg.name, recipe=dict(name='release', model=cfg.name, arch='reclmis'), config=asdict(cfg), data=None,
                 epochs_done=_number(ck.get('epoch')), best=_number(ck.get('val_loss')), history=[],
                 release=dict(source=str(source), unused=len(unused), best_model=_number(ck.get('best_model'))))

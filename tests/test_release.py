@@ -102,11 +102,35 @@ def test_predict_probs_cli(release, cases, tmp_path, capsys):
     rc = main(['predict', '--checkpoint', str(path), str(QATA / c['image']), '--text', c['caption'], '--out', str(tmp_path), '--probs'])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "release checkpoint" in out and "pipeline 'release'" in out  # what was recognised is printed
+    assert "release checkpoint" in err and "pipeline 'release'" in err  # what was recognised is printed (stderr: stdout is for --json)
     probs = np.load(tmp_path / f'{Path(c["image"]).stem}_probs.npy')
     assert probs.dtype == np.float32 and probs.shape == (224, 224)
     assert np.abs(probs - z['probs'][0, 0]).max() <= 1e-5
     assert torch.equal(predict_probs(model, load_image(QATA / c['image']), c['caption'])[0], torch.from_numpy(probs))
+
+def test_eval_cli_json(release, cases, tmp_path, capsys):
+    "`reclmis eval --json` on the three real cases as a 'valid' split: its Dice is the Dice of the release's own probabilities"
+    meta, z = cases
+    name, path, _, _ = release
+    if name != 'qata' or not QATA.exists(): pytest.skip('once, on the QaTa checkpoint, with the real images')
+    root, rows = tmp_path / 'mini', []
+    for split in ('train', 'valid'):
+        (root / 'images' / split / 'images').mkdir(parents=True); (root / 'images' / split / 'masks').mkdir(parents=True)
+    for c in meta['cases'][:3]:
+        for kind in ('image', 'mask'):
+            (root / c[kind].replace('/train/', '/valid/')).write_bytes((QATA / c[kind]).read_bytes())
+        rows.append(dict(image_path=Path(c['mask']).name, caption=c['caption']))
+    (root / 'images' / 'train' / 'images' / 'x.png').write_bytes((QATA / meta['cases'][0]['image']).read_bytes())
+    (root / 'images' / 'train' / 'masks' / 'mask_x.png').write_bytes((QATA / meta['cases'][0]['mask']).read_bytes())
+    (root / 'prompts').mkdir()
+    (root / 'prompts' / 'annotation.json').write_text(json.dumps(dict(train=[dict(image_path='mask_x.png', caption='one area.')], valid=rows)))
+    rc = main(['eval', '--checkpoint', str(path), '--data', str(root), '--split', 'valid', '--json'])
+    out, err = capsys.readouterr()
+    res = json.loads(out)  # stdout holds only the JSON
+    assert rc == 0 and res['n'] == 3, err
+    pred, gt = z['probs'][:3, 0] > 0.5, z['label'][:3].astype(bool)  # the release's predictions of the same images
+    dice = np.mean([2 * (p & g).sum() / (p.sum() + g.sum()) for p, g in zip(pred, gt)])
+    assert abs(res['dice'] - dice) < 1e-3, (res['dice'], dice)  # a pixel at p = 0.5 +- 1e-6 could flip; none moves the mean by 1e-3
 
 def bad_file(kind, tmp_path):
     "A file that must be refused"
