@@ -31,7 +31,7 @@ from .data import read_dataset, LangSegDataset, load_image, load_mask, make_synt
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import BaselineConfig, baseline_config, UNet, LViT
-from .release import read_checkpoint, checkpoint_kind, load_release, pair_resizer, model_input
+from .release import read_checkpoint, checkpoint_kind, load_release, pair_resizer, model_input, CheckpointError
 from .distributed import (setup_distributed, leave_distributed, from_rank0, built_once, sum_over_ranks,
                                     shard_bs, data_parallel, unwrap)
 
@@ -417,6 +417,8 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     if resume is not None:
         run_dir = Path(resume)
         ck = read_checkpoint(run_dir/'last.pth')
+        if checkpoint_kind(ck, run_dir/'last.pth') != 'library':
+            raise CheckpointError(f'{run_dir}/last.pth is a RecLMIS release checkpoint: --resume continues runs of `reclmis train`')
         recipe = Recipe(**ck['recipe'])
         cfg = config_from_dict(recipe.arch, ck['config'])
         if epochs is not None and epochs != recipe.epochs:
@@ -492,7 +494,7 @@ def score(model,              # a RecLMIS in eval mode
     dl = torch.utils.data.DataLoader(WithTextFeatures(ds, feats), batch_size=bs)
     acc, i = SegScoreAccumulator(threshold), 0
     for img, f, m, mask in dl:
-        with _autocast(device): logits = model(img.to(device), f.to(device), m.to(device))['logits']
+        with _autocast(device): logits = model(model_input(img, model.cfg).to(device), f.to(device), m.to(device))['logits']
         probs = torch.sigmoid(logits.float()).cpu()
         if not native_grid: acc.update(probs, mask); continue
         for p in probs:

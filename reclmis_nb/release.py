@@ -216,9 +216,8 @@ def _to_bytes(x): # (C,H,W) float in [0,1], k/255 values
 
 def release_resize(image, # (3,H,W) RGB float in [0,1], as `data.load_image` gives it
                    size:int):
-    "The release's image: BGR, cv2 INTER_LINEAR to (3,S,S), /255, no normalisation"
-    bgr = np.ascontiguousarray(_to_bytes(image)[..., ::-1])
-    return torch.from_numpy(cv2_resize_linear(bgr, size).astype(np.float32) / 255).permute(2, 0, 1).contiguous()
+    "The release's resize: cv2 INTER_LINEAR to (3,S,S), /255, no normalisation (channels stay in RGB order)"
+    return torch.from_numpy(cv2_resize_linear(_to_bytes(image), size).astype(np.float32) / 255).permute(2, 0, 1).contiguous()
 
 def release_resize_mask(mask, # (1,H,W) in {0,1}
                         size:int):
@@ -226,19 +225,22 @@ def release_resize_mask(mask, # (1,H,W) in {0,1}
     return torch.from_numpy(cv2_resize_linear(_to_bytes(mask), size) > 0).permute(2, 0, 1).float()  # 1 -> 255
 
 def release_resize_pair(image, mask, size):
-    "`data.resize_pair` as the release does it, for `LangSegDataset(resize=...)`"
+    "`data.resize_pair` as the release does it, for `LangSegDataset(resize=...)` (RGB: `model_input` makes it BGR)"
     return release_resize(image, size), release_resize_mask(mask, size)
 
 def pair_resizer(cfg): # a model's configuration
     "How a model's datasets resize (image, mask): the release's way for `pipeline='release'`, else `resize_pair`"
     return release_resize_pair if getattr(cfg, 'pipeline', 'library') == 'release' else resize_pair
 
-def model_input(image, # (3,H,W) float in [0,1], any size
+def model_input(image, # (3,H,W) or (B,3,H,W) RGB float in [0,1], any size (a dataset's items: already S)
                 cfg): # the model's configuration
-    "The image as the model takes it, (1,3,S,S), prepared by the model's pipeline"
-    S = cfg.image_size
-    if getattr(cfg, 'pipeline', 'library') == 'release': return release_resize(image, S)[None]
-    return F.interpolate(image[None].float(), size=(S, S), mode='bilinear', align_corners=False)
+    "The images as the model takes them, (B,3,S,S): resized, and for the release in BGR order, by the model's pipeline"
+    x, S = (image[None] if image.ndim == 3 else image).float(), cfg.image_size
+    release = getattr(cfg, 'pipeline', 'library') == 'release'
+    if x.shape[-2:] != (S, S):
+        x = torch.stack([release_resize(i, S) for i in x]) if release else \
+            F.interpolate(x, size=(S, S), mode='bilinear', align_corners=False)
+    return x.flip(-3) if release else x  # BGR, as cv2.imread gives it
 
 # %% ../nbs/07a_release.ipynb #48911353
 def checkpoint_kind(ck, # a dict from `read_checkpoint`

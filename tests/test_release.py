@@ -10,7 +10,7 @@ import torch
 from reclmis_nb.cli import main
 from reclmis_nb.data import load_image, load_mask
 from reclmis_nb.learner import load_checkpoint, predict_probs
-from reclmis_nb.release import (CheckpointError, read_checkpoint, load_release, release_arrays, release_resize_pair,
+from reclmis_nb.release import (CheckpointError, read_checkpoint, load_release, release_arrays, release_resize_pair, model_input,
                                 release_training_forward)
 
 FIXTURE = Path(__file__).resolve().parents[2] / 'shared' / 'release-parity'
@@ -54,6 +54,7 @@ def test_every_case_from_its_files(release, cases):
         if QATA.exists():
             image, label = release_resize_pair(load_image(QATA / c['image']), load_mask(QATA / c['mask']), 224)
             assert torch.equal(label[0], torch.from_numpy(z['label'][i]).float())
+            image = model_input(image, model.cfg)[0]  # the model's last step: BGR
         else: image = torch.from_numpy(z['image'][i])  # the real images are not here: the release's own input
         ids, mask = model.text_encoder.tokenize([c['caption']])
         got = release_arrays(model, image[None], ids, mask)
@@ -152,6 +153,14 @@ def test_bad_files_one_line(kind, says, tmp_path, capsys):
     rc = main(['eval', '--checkpoint', str(p), '--data', str(tmp_path), '--split', 'valid'])
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith('reclmis: error:') and err.count('\n') == 1 and says in err, err
+
+def test_resume_refuses_release_file(tmp_path, capsys):
+    "A run folder whose last.pth is a release checkpoint: one line, not a KeyError"
+    run = tmp_path / 'run'; run.mkdir()
+    torch.save({'state_dict': {'text_module4.weight': torch.ones(1)}, 'epoch': 3}, run / 'last.pth')
+    rc = main(['train', '--resume', str(run), '--quiet'])
+    _, err = capsys.readouterr()
+    assert rc == 2 and 'release checkpoint' in err and err.count('\n') == 1, err
 
 def test_numpy_scalar_allowed(tmp_path):
     "The authors' files may hold numpy scalars (val_loss) and an optimizer state: read without unpickling code"
