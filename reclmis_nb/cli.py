@@ -97,32 +97,37 @@ def cmd_eval(args):
     checkpoint, root = _exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder')
     if not args.no_check: require_clean(root, (args.split,), f'evaluating the {args.split} split')
     res = evaluate(checkpoint, root, args.split,
-                   native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device)
+                   native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device, bs=args.bs)
     if args.json: print(json.dumps(res))
     else: print('\n'.join(f'{k:14s} {v:.4f}' if isinstance(v, float) else f'{k:14s} {v}' for k, v in res.items()))
     return 0
 
 # %% ../nbs/90_cli.ipynb #1f40484a
 def cmd_predict(args):
-    "Write the predicted mask and an overlay for one image and one sentence"
+    "Write the predicted mask and an overlay (and with --probs the probabilities) for one image and one sentence"
+    import numpy as np
     from PIL import Image
     if not args.text.strip(): raise UsageError('the sentence is empty: pass --text "a description of the region"')
     image_path = _exists(args.image, 'image')
     from reclmis_nb.data import load_image
     try: image = load_image(image_path)
     except Exception as e: raise UsageError(f'cannot read image {image_path}: {e}'.splitlines()[0])
-    from reclmis_nb.learner import load_checkpoint, predict_image, overlay, all_or_nothing
+    from reclmis_nb.learner import load_checkpoint, predict_probs, to_image_grid, overlay, all_or_nothing
     out = Path(args.out)
     paths = [out/f'{image_path.stem}_mask.png', out/f'{image_path.stem}_overlay.png']
+    if args.probs: paths.append(out/f'{image_path.stem}_probs.npy')
     if clash := [p for p in paths if p.exists()]:
         raise UsageError(f'{clash[0]} exists: choose another --out (predict never writes over a file)')
     model, info = load_checkpoint(_exists(args.checkpoint, 'checkpoint'), args.device)
-    probs = predict_image(model, image, args.text)
+    grid_probs = predict_probs(model, image, args.text)
+    probs = to_image_grid(grid_probs, image)
     out.mkdir(parents=True, exist_ok=True)
-    with all_or_nothing(paths) as (mask_tmp, overlay_tmp):
-        Image.fromarray(((probs[0] > 0.5).numpy() * 255).astype('uint8')).save(mask_tmp)
-        Image.fromarray(overlay(image, probs)).save(overlay_tmp)
-    print(f'mask: {paths[0]}\noverlay: {paths[1]}\nforeground: {(probs > 0.5).float().mean().item():.1%} of the image')
+    with all_or_nothing(paths) as tmps:
+        Image.fromarray(((probs[0] > 0.5).numpy() * 255).astype('uint8')).save(tmps[0])
+        Image.fromarray(overlay(image, probs)).save(tmps[1])
+        if args.probs: np.save(tmps[2], grid_probs[0].numpy().astype(np.float32))
+    print('\n'.join(f'{k}: {p}' for k, p in zip(('mask', 'overlay', 'probabilities'), paths))
+          + f'\nforeground: {(probs > 0.5).float().mean().item():.1%} of the image')
     return 0
 
 # %% ../nbs/90_cli.ipynb #e7c1a9b0
@@ -196,12 +201,13 @@ def build_parser():
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser('eval', help='score a checkpoint on a split')
-    ev.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run')
+    ev.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run, or a RecLMIS release checkpoint')
     ev.add_argument('--data', type=Path, required=True, help='dataset root')
     ev.add_argument('--split', default='test', choices=['train', 'valid', 'test'])
     ev.add_argument('--native-grid', action='store_true', help="score on each mask's native size")
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
     ev.add_argument('--json', action='store_true', help='print one JSON object')
+    ev.add_argument('--bs', type=int, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)
     ev.add_argument('--no-check', **no_check)
     ev.set_defaults(func=cmd_eval)
@@ -209,15 +215,17 @@ def build_parser():
     def one_image(name, help, func, writes):
         "A subcommand on one image and one sentence (`predict`, `explain`)"
         sp = sub.add_parser(name, help=help)
-        sp.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run')
+        sp.add_argument('--checkpoint', type=Path, required=True, help='best.pth or last.pth of a run, or a RecLMIS release checkpoint')
         sp.add_argument('image', type=Path, help='image file (PNG, JPEG, ...)')
         sp.add_argument('--text', required=True, help='the sentence describing what to segment')
         sp.add_argument('--out', type=Path, default=Path('.'), help=f'folder for {writes}')
         sp.add_argument('--device', **dev)
         sp.set_defaults(func=func)
         return sp
-    one_image('predict', 'segment one image from a sentence (no ground truth needed)', cmd_predict,
-              '<stem>_mask.png and <stem>_overlay.png')
+    pr = one_image('predict', 'segment one image from a sentence (no ground truth needed)', cmd_predict,
+                   '<stem>_mask.png and <stem>_overlay.png')
+    pr.add_argument('--probs', action='store_true',
+                    help="also write <stem>_probs.npy: the probabilities (float32, S x S) on the model's input grid")
     xp = one_image('explain', 'where the model looks for each word: attention, Captum word scores, counterfactuals',
                    cmd_explain, '<stem>_attention.png, _words.png, _words.json, _counterfactual.png')
     xp.add_argument('--steps', type=at_least_1, default=32, help='integration steps of the Captum word scores')

@@ -583,11 +583,12 @@ class LangSegDataset(Dataset):
                  size=224, # side S of images and masks
                  augment=None, # None, 'consistent' (train default), 'released', or a callable (image, mask, caption, g)
                  lvit_pad=False, # append LViT's ' EOF XXX' to sentences shorter than 9 words
-                 generator=None # torch.Generator for the augmentation (None: torch's global RNG)
+                 generator=None, # torch.Generator for the augmentation (None: torch's global RNG)
+                 resize=resize_pair # (image, mask, size) -> both at size S; `release.release_resize_pair` for release models
                 ):
         if isinstance(augment, str) and augment not in AUGMENTS:
             raise ValueError(f'augment={augment!r}: expected None, a callable, or one of {list(AUGMENTS)}')
-        self.samples, self.size, self.lvit_pad, self.generator = list(samples), size, lvit_pad, generator
+        self.samples, self.size, self.lvit_pad, self.generator, self.resize = list(samples), size, lvit_pad, generator, resize
         self.augment = AUGMENTS[augment] if isinstance(augment, str) else augment
 
     def __len__(self): return len(self.samples)
@@ -601,7 +602,7 @@ class LangSegDataset(Dataset):
         except Exception as e:
             raise DatasetError(f'{s.image} or its mask {s.mask} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
                                'run `reclmis data check` on the dataset') from e
-        image, mask = resize_pair(image, mask, self.size)
+        image, mask = self.resize(image, mask, self.size)
         caption = s.caption
         if self.augment is not None: image, mask, caption = self.augment(image, mask, caption, self.generator)
         return image, lvit_eof_pad(caption) if self.lvit_pad else caption, mask

@@ -25,6 +25,7 @@ from captum.attr import LayerIntegratedGradients, IntegratedGradients, Saliency
 import ipywidgets as widgets
 
 from .data import Notice, load_image, swap_left_right, read_dataset, LangSegDataset
+from .release import model_input, pair_resizer
 
 # %% ../nbs/11_interpret.ipynb #2ebc20ff
 def as_model(learn_or_model, # a RecLMIS, or a fastai Learner whose .model is one
@@ -53,8 +54,7 @@ def model_image(model, # a RecLMIS
     "The image as the model takes it: (1,3,S,S) on the model's device"
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f'expected an image of shape (3,H,W), got {tuple(image.shape)}: use data.load_image')
-    S = model.cfg.image_size
-    return F.interpolate(image[None].float(), size=(S, S), mode='bilinear', align_corners=False).to(model_device(model))
+    return model_input(image, model.cfg).to(model_device(model))  # bilinear, or the release's cv2 path (07a_release)
 
 # %% ../nbs/11_interpret.ipynb #f4e3d7d5
 @dataclass
@@ -558,7 +558,7 @@ class AlignmentExplorer(widgets.VBox):
         if isinstance(dataset, (str, Path)):
             splits = read_dataset(dataset).splits
             if not splits.get(split): raise ValueError(f'{dataset}: no {split!r} samples (found {", ".join(splits)})')
-            dataset = LangSegDataset(splits[split], size=self.model.cfg.image_size)
+            dataset = LangSegDataset(splits[split], size=self.model.cfg.image_size, resize=pair_resizer(self.model.cfg))
         if not len(dataset): raise ValueError('the dataset is empty: nothing to explore')
         self.dataset, self.n_steps, self.dpi = dataset, n_steps, dpi
         self.n_draws, self._captum, self._word_maps, self._quiet = 0, {}, {}, False

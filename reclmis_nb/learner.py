@@ -11,8 +11,8 @@ __all__ = ['TINY_MODEL', 'TINY_BASELINE', 'RECIPES', 'ARCHS', 'TEXT_ABLATIONS', 
            'seg_metrics', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner',
            'atomic_save', 'all_or_nothing', 'trainable_state', 'RunCheckpoint', 'new_run_dir', 'derangement',
            'ablate_text', 'TrainingInterrupted', 'interrupted_message', 'resume_checkpoint', 'refuse_changes',
-           'format_run', 'load_weights', 'train', 'load_checkpoint', 'score', 'evaluate', 'as_image', 'predict_image',
-           'overlay', 'show_predictions', 'demo']
+           'format_run', 'load_weights', 'train', 'load_checkpoint', 'score', 'evaluate', 'as_image', 'predict_probs',
+           'to_image_grid', 'predict_image', 'overlay', 'show_predictions', 'demo']
 
 # %% ../nbs/08_learner.ipynb #c366fe71
 import contextlib, csv, json, math, os, random, shlex, time
@@ -33,6 +33,7 @@ from .data import read_dataset, require_clean, LangSegDataset, load_image, load_
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import BaselineConfig, baseline_config, UNet, LViT
+from .release import read_checkpoint, checkpoint_kind, load_release, pair_resizer, model_input, CheckpointError
 from .distributed import (setup_distributed, leave_distributed, from_rank0, built_once, sum_over_ranks,
                                     shard_bs, data_parallel, unwrap)
 
@@ -480,10 +481,6 @@ def load_weights(model, state):
         raise ValueError(f'the checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}')
     return model
 
-def _read_ckpt(path):
-    if not Path(path).exists(): raise FileNotFoundError(f'checkpoint {path} not found')
-    return torch.load(path, map_location='cpu', weights_only=True)
-
 def train(root=None,        # dataset folder (any layout `read_dataset` knows); default when resuming: the run's
           preset=None,      # a key of `RECIPES` (default 'small'; when resuming: the run's)
           epochs=None,      # maximum epochs (default: the recipe's)
@@ -498,7 +495,10 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     device = setup_distributed(pick_device(device))  # this process's device; joins the group of a torchrun launch
     if resume is not None:
         run_dir = Path(resume)
-        ck = _read_ckpt(resume_checkpoint(run_dir))
+        ck_path = resume_checkpoint(run_dir)
+        ck = read_checkpoint(ck_path)
+        if checkpoint_kind(ck, ck_path) != 'library':
+            raise CheckpointError(f'{ck_path} is a RecLMIS release checkpoint: --resume continues runs of `reclmis train`')
         recipe = Recipe(**ck['recipe'])
         cfg = config_from_dict(recipe.arch, ck['config'])
         refuse_changes(run_dir, ck, dict(overrides, data=root, preset=preset, epochs=epochs))
@@ -553,7 +553,10 @@ def load_checkpoint(path,         # best.pth / last.pth, or a run folder (its be
     "The trained model in eval mode, and the checkpoint's preset, recipe, config, data, epochs, best and history"
     path = Path(path)
     if path.is_dir(): path = path/'best.pth'
-    ck = _read_ckpt(path)
+    ck = read_checkpoint(path)
+    if checkpoint_kind(ck, path) == 'release':  # the authors' file: see 07a_release
+        model, info = load_release(ck, path)
+        return model.to(pick_device(device)).eval(), info
     arch = ck['recipe'].get('arch', 'reclmis')
     model = load_weights(model_from_config(arch, config_from_dict(arch, ck['config'])), ck['model'])
     info = {k: ck[k] for k in ('preset', 'recipe', 'config', 'data', 'epochs_done', 'best', 'history')}
@@ -572,10 +575,11 @@ def score(model,              # a RecLMIS in eval mode
     "`seg_scores` of `model` on `samples`: per-image and global Dice/IoU, `n`"
     device, S = next(model.parameters()).device, model.cfg.image_size
     feats = CaptionFeatures(model.text_encoder, {s.caption for s in samples})
-    dl = torch.utils.data.DataLoader(WithTextFeatures(LangSegDataset(samples, size=S), feats), batch_size=bs)
+    ds = LangSegDataset(samples, size=S, resize=pair_resizer(model.cfg))
+    dl = torch.utils.data.DataLoader(WithTextFeatures(ds, feats), batch_size=bs)
     acc, i = SegScoreAccumulator(threshold), 0
     for img, f, m, mask in dl:
-        with _autocast(device): logits = model(img.to(device), f.to(device), m.to(device))['logits']
+        with _autocast(device): logits = model(model_input(img, model.cfg).to(device), f.to(device), m.to(device))['logits']
         probs = torch.sigmoid(logits.float()).cpu()
         if not native_grid: acc.update(probs, mask); continue
         for p in probs:
@@ -632,18 +636,29 @@ def as_image(image # a path, PIL image, numpy array (H,W) / (H,W,C), or tensor (
     return image.float()
 
 @torch.inference_mode()
-def predict_image(model,     # a RecLMIS in eval mode
+def predict_probs(model,     # a RecLMIS (or baseline) in eval mode
+                  image,     # anything `as_image` takes: a path, PIL image, numpy array or tensor, any size
+                  sentence,  # what to segment
+                 ):
+    "Mask probabilities (1,S,S) on the model's input grid; the image is prepared by the model's pipeline"
+    if not isinstance(sentence, str): raise TypeError(f'sentence is a {type(sentence).__name__}: pass one string')
+    if not sentence.strip(): raise ValueError('the sentence is empty: describe what to segment')
+    device = next(model.parameters()).device
+    with _autocast(device): p = model.predict(model_input(as_image(image), model.cfg), [sentence])
+    return p.float().cpu()[0]
+
+def to_image_grid(probs, # (1,S,S) probabilities on the model's grid
+                  image): # (3,H,W) the image they belong to
+    "The probabilities resized (bilinear) to the image's own grid (1,H,W)"
+    return F.interpolate(probs[None], size=image.shape[-2:], mode='bilinear', align_corners=False)[0]
+
+def predict_image(model,     # a RecLMIS (or baseline) in eval mode
                   image,     # anything `as_image` takes: a path, PIL image, numpy array or tensor, any size
                   sentence,  # what to segment
                  ):
     "Mask probabilities (1,H,W) on the image's own grid, from the image and the sentence alone"
-    if not isinstance(sentence, str): raise TypeError(f'sentence is a {type(sentence).__name__}: pass one string')
-    if not sentence.strip(): raise ValueError('the sentence is empty: describe what to segment')
     image = as_image(image)
-    S, device = model.cfg.image_size, next(model.parameters()).device
-    x = F.interpolate(image[None].float(), size=(S, S), mode='bilinear', align_corners=False)
-    with _autocast(device): p = model.predict(x, [sentence])
-    return F.interpolate(p.float().cpu(), size=image.shape[-2:], mode='bilinear', align_corners=False)[0]
+    return to_image_grid(predict_probs(model, image, sentence), image)
 
 def overlay(image,          # (3,H,W) float in [0,1]
             mask,           # (1,H,W) mask or probabilities (foreground > 0.5)

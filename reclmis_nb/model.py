@@ -49,6 +49,8 @@ class RecLMISConfig:
     pos_embed_init:str = 'zeros' # release: zeros; 'trunc_normal' (std 0.02) in the `small` preset
     interaction_key_mask:bool = False # release: padding tokens take part in the vision-to-text attention
     interaction_text_residual:bool = False # release: E'' is the text-to-vision attention alone, E is not added back
+    mask_mode:str = 'sample' # conditioned masking: 'sample' in proportion to W_poi/W_woi (paper), 'topk' the heaviest (release's switch)
+    pipeline:str = 'library' # input preparation: 'library' (ours) or 'release' (BGR, cv2 resize, ' EOF XXX'; see 07a_release)
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
@@ -57,6 +59,8 @@ class RecLMISConfig:
         elif self.widths[-1] != self.dim: problems.append(f'widths[-1]={self.widths[-1]} must equal dim={self.dim} (f4 feeds the interaction)')
         if self.image_size % 16: problems.append(f'image_size={self.image_size} is not a multiple of 16')
         if self.dim % self.heads: problems.append(f'dim={self.dim} is not divisible by heads={self.heads}')
+        if self.mask_mode not in ('sample', 'topk'): problems.append(f"mask_mode={self.mask_mode!r} must be 'sample' or 'topk'")
+        if self.pipeline not in ('library', 'release'): problems.append(f"pipeline={self.pipeline!r} must be 'library' or 'release'")
         if self.pos_embed_init not in ('zeros', 'trunc_normal'):
             problems.append(f"pos_embed_init={self.pos_embed_init!r} must be 'zeros' or 'trunc_normal'")
         for k in ('image_mask_rate', 'text_mask_rate'):
@@ -159,7 +163,8 @@ class RecLMIS(LanguageGuidedModel):
         infer = sum(n_params(getattr(self, k)) for k in INFERENCE_PARTS)
         te = f"{c.text_encoder} ({c.max_tokens} tokens, {'pretrained' if c.text_pretrained else 'random'}, frozen)"
         switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target',
-                                                      'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual'))
+                                                      'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual',
+                                                      'mask_mode', 'pipeline'))
         return (f'RecLMIS preset {c.name!r}: {c.image_size}x{c.image_size}, widths {c.widths}, dim {c.dim}, heads {c.heads}, text {te}\n'
                 f'  reconstruction: {c.recon_layers} layers/stack, ffn {c.recon_ffn}, mask rate image {c.image_mask_rate} '
                 f'text {c.text_mask_rate}, POI/WOI dropout {c.interest_dropout}, loss weights {c.loss_weights}\n'
@@ -194,7 +199,7 @@ class RecLMIS(LanguageGuidedModel):
         W_poi, W_woi = self.poi(V_prime), self.woi(E_prime, text_mask)
         loss_t2v, loss_v2t = reconstruction_losses(V, V_prime, E, E_clip, text_mask, W_poi, W_woi,
                                                    self.rec_vision, self.rec_language, c.image_mask_rate,
-                                                   c.text_mask_rate, c.detach_vision_target)
+                                                   c.text_mask_rate, c.detach_vision_target, mask_mode=c.mask_mode)
         loss_ccl = conditioned_contrastive_loss(E, V, text_mask, W_woi, W_poi, self.text_encoder.logit_scale,
                                                 c.ccl_double_softmax)
         return dict(W_poi=W_poi, W_woi=W_woi, loss_ccl=loss_ccl, loss_v2t=loss_v2t, loss_t2v=loss_t2v)

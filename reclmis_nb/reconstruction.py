@@ -46,11 +46,13 @@ def conditioned_mask(x,              # (B, L, d) tokens to mask
                      weights,        # (B, L) non-negative interest weights (need not sum to 1)
                      rate:float,     # fraction of the valid positions to mask (at least one is masked)
                      valid=None,     # (B, L) bool or 0/1, positions that may be masked; all when None
-                     generator=None):# torch.Generator on x's device, for reproducible draws
-    "Zero k positions per sample, drawn without replacement with probability proportional to `weights`"
+                     generator=None, # torch.Generator on x's device, for reproducible draws
+                     mode:str='sample'): # 'sample': draw in proportion to the weights (paper); 'topk': the k largest (release's switch)
+    "Zero k positions per sample, drawn without replacement with probability proportional to `weights` (or the k heaviest)"
     if x.shape[:2] != weights.shape:
         raise ValueError(f'conditioned_mask: x has shape {tuple(x.shape)} but weights {tuple(weights.shape)}; '
                          'weights must be (B, L) for x (B, L, d)')
+    if mode not in ('sample', 'topk'): raise ValueError(f"conditioned_mask: mode={mode!r}; choose 'sample' or 'topk'")
     B, L = weights.shape
     valid = torch.ones_like(weights, dtype=torch.bool) if valid is None else valid.bool()
     with torch.no_grad():
@@ -60,8 +62,10 @@ def conditioned_mask(x,              # (B, L, d) tokens to mask
                              f'min {w.min().item()}, any non-finite: {not w.isfinite().all().item()}); '
                              'pass softmax weights such as W_poi / W_woi; in training, non-finite weights mean the '
                              'run diverged: lower the learning rate')
-        u = torch.rand(w.shape, generator=generator, device=w.device)  # float32: the same draw for every dtype
-        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny))).to(w.dtype)
+        if mode == 'topk': gumbel = torch.zeros_like(w)  # no noise: the order of the weights themselves
+        else:
+            u = torch.rand(w.shape, generator=generator, device=w.device)  # float32: the same draw for every dtype
+            gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny))).to(w.dtype)
         positive = valid & (w > 0)
         key = torch.where(positive, w.clamp(min=torch.finfo(w.dtype).tiny).log() + gumbel, gumbel)
         group = positive.long() + valid.long()  # 2 positive weight, 1 zero weight, 0 padding
@@ -188,10 +192,11 @@ def reconstruction_losses(V,        # (B, N, d) raw visual tokens (f4 flattened)
                           img_rate:float, # image mask rate (0.5 QaTa, 0.3 MosMed)
                           txt_rate:float, # text mask rate (0.3)
                           detach_vision_target:bool=False, # stop L_T2V's gradient into V'
-                          generator=None): # torch.Generator for the masks
+                          generator=None, # torch.Generator for the masks
+                          mask_mode:str='sample'): # `conditioned_mask` mode: 'sample' (paper) or 'topk'
     "(L_T2V, L_V2T): MSE of the vision and language reconstructions"
-    V_m, _ = conditioned_mask(V, W_poi, img_rate, generator=generator)
-    E_m, _ = conditioned_mask(E, W_woi, txt_rate, valid=text_mask, generator=generator)
+    V_m, _ = conditioned_mask(V, W_poi, img_rate, generator=generator, mode=mask_mode)
+    E_m, _ = conditioned_mask(E, W_woi, txt_rate, valid=text_mask, generator=generator, mode=mask_mode)
     target_v = V_prime.detach() if detach_vision_target else V_prime
     loss_t2v = F.mse_loss(rec_v(E, W_woi, V_m), target_v)
     loss_v2t = F.mse_loss(rec_t(V, W_poi, E_m), E_clip)

@@ -1,5 +1,6 @@
 "The `reclmis` command line end to end on generated data, with the seconds-long `tiny` preset."
 import json, shutil, subprocess
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -44,6 +45,11 @@ def test_train_eval_predict(trained, synth, tmp_path, capsys):
     assert image.read_bytes() == before
     rc, _, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text', 'lower left lung', '--out', tmp_path/'pred')
     assert rc == 2 and 'exists' in err   # never writes over an existing file
+    rc, out, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text', 'lower left lung',
+                       '--out', tmp_path/'probs', '--probs', '--device', 'cpu')
+    probs = np.load(tmp_path/'probs'/f'{image.stem}_probs.npy')
+    assert rc == 0 and probs.dtype == np.float32 and probs.shape == (32, 32), err  # the tiny preset's input grid
+    assert ((probs >= 0) & (probs <= 1)).all() and f'{image.stem}_probs.npy' in out
 
 def test_resume_after_interruption(synth, tmp_path, capsys):
     run = tmp_path/'run'
