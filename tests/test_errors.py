@@ -164,7 +164,6 @@ def test_data_check_unreadable_folder(broken, capsys, monkeypatch):
     assert rc == 2 and one_error_line(err) and str(masks) in err and 'Permission denied' in err
 
 @pytest.mark.parametrize('command', ['predict', 'explain', 'eval', 'resume'])
-@pytest.mark.xfail(reason='needs the release-checkpoint reader (issue 12)', strict=False)
 def test_truncated_checkpoint(command, run, tmp_path, capsys):
     r = Path(shutil.copytree(run[0], tmp_path/'run'))
     name = 'last.pth' if command == 'resume' else 'best.pth'

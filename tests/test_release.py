@@ -147,10 +147,10 @@ def bad_file(kind, tmp_path):
 
 @pytest.mark.parametrize('kind, says', [('not-a-checkpoint', 'neither a reclmis_nb checkpoint'), ('truncated', 'truncated'),
                                         ('unknown-key', "'rec_text_trans1.gate.weight'"), ('object', 'PosixPath')])
-def test_bad_files_one_line(kind, says, tmp_path, capsys):
+def test_bad_files_one_line(kind, says, tmp_path, capsys, synth):
     p = bad_file(kind, tmp_path)
     with pytest.raises(CheckpointError, match=says.replace('(', r'\(')): load_checkpoint(p)
-    rc = main(['eval', '--checkpoint', str(p), '--data', str(tmp_path), '--split', 'valid'])
+    rc = main(['eval', '--checkpoint', str(p), '--data', str(synth), '--split', 'valid'])  # good data: the file is what is wrong
     _, err = capsys.readouterr()
     assert rc == 2 and err.startswith('reclmis: error:') and err.count('\n') == 1 and says in err, err
 
