@@ -49,10 +49,13 @@ def test_usage_mistakes(tmp_path):
         assert proc.returncode == 2 and says in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert not (tmp_path/'x.json').exists()
 
-def test_no_gpu_here(tmp_path):
-    "Without --dry-run on a machine with no GPU: one line naming the way out"
-    import torch
+def test_no_gpu_here(tmp_path, capsys):
+    "Without --dry-run on a machine with no GPU: one line naming the way out (run in this process: no second start of torch)"
+    import importlib.util, torch
     if torch.cuda.is_available(): pytest.skip('this machine has a CUDA GPU')
-    proc = gpu_check('--data', tmp_path, '--out', tmp_path/'x.json', timeout=120)
-    errors = [l for l in proc.stderr.splitlines() if l.startswith('gpu_check: error:')]  # library warnings aside (fastai's import warns)
-    assert proc.returncode == 2 and len(errors) == 1 and '--dry-run' in errors[0] and 'Traceback' not in proc.stderr, proc.stderr
+    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
+    spec.loader.exec_module(gpu := importlib.util.module_from_spec(spec))
+    assert gpu.main(['--data', str(tmp_path), '--out', str(tmp_path/'x.json')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('gpu_check: error:') and '--dry-run' in err, err
+    assert not (tmp_path/'x.json').exists()
