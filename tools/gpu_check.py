@@ -313,6 +313,10 @@ def main(argv=None):
     except ValueError as e:  # a device this machine does not have
         print(f'gpu_check: error: {e}' + ('; or --dry-run to run every step on the CPU' if 'CUDA' in str(e) else ''), file=sys.stderr)
         return 2
+    except ImportError as e:  # fastai & co. missing, as on the lent GPU machine until its wheels are installed
+        print(f"gpu_check: error: {e}: install the project's dependencies (pip install -e .; on the lent GPU machine, "
+              'the wheels this script\'s docstring lists)', file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     for name, fn in zip(STEPS, (environment, smoke, bench, loader, train_epoch, cpu_reload, compile_step, distributed)):
         c.run(name, lambda fn=fn: fn(c))
