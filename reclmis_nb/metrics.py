@@ -105,6 +105,7 @@ def in_float32(loss_fn):
     def f32(*args, **kwargs):
         args, kwargs = [up(a) for a in args], {k: up(v) for k, v in kwargs.items()}
         kind = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), 'cpu')
+        if not torch.amp.is_autocast_available(kind): return loss_fn(*args, **kwargs)  # e.g. 'meta': no autocast to leave
         with torch.autocast(kind, enabled=False): return loss_fn(*args, **kwargs)
     return f32
 
