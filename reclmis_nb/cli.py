@@ -6,7 +6,7 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/cli.html.md"""
 
 # %% auto #0
 __all__ = ['UsageError', 'at_least_1', 'learning_rate', 'device', 'cmd_data_check', 'loss_weight', 'cmd_train', 'cmd_eval',
-           'cmd_predict', 'cmd_explain', 'cmd_profile', 'cmd_demo', 'build_parser', 'exit_code', 'main']
+           'cmd_predict', 'cmd_explain', 'cmd_profile', 'cmd_bench', 'cmd_demo', 'build_parser', 'exit_code', 'main']
 
 # %% ../nbs/90_cli.ipynb #f4d4d097
 import argparse, json, os, subprocess, sys, time, warnings
@@ -151,6 +151,17 @@ def cmd_profile(args):
     print(json.dumps(prof) if args.json else profile_table([prof]).T.to_string())
     return 0
 
+# %% ../nbs/90_cli.ipynb #5f42f823
+def cmd_bench(args):
+    "Training and inference images/s of a preset on this machine, against its own matmul rate (JSON with --json)"
+    from reclmis_nb.learner import get_recipe, model_config, pick_device
+    from reclmis_nb.model import bench_model, format_bench
+    recipe = get_recipe(args.preset)
+    res = bench_model(model_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
+                      warmup=args.warmup, matmul_n=args.matmul_n, compile=args.compile)
+    print(json.dumps(res) if args.json else format_bench(res))
+    return 0
+
 # %% ../nbs/90_cli.ipynb #32a1453a
 def cmd_demo(args):
     "Generate data, train the demo preset, evaluate with and without the text, draw a figure"
@@ -236,6 +247,19 @@ def build_parser():
     pf.add_argument('--json', action='store_true', help='print one JSON object')
     pf.add_argument('--time', action='store_true', help='also time a forward pass (with --model: batch-1 latency, median of 3)')
     pf.set_defaults(func=cmd_profile)
+
+    bn = sub.add_parser('bench', help='training and inference images/s of a preset on this machine, against its own matmul rate')
+    bn.add_argument('--preset', default='small', choices=['qata', 'mosmed', 'small', 'demo', 'tiny'])
+    bn.add_argument('--bs', type=at_least_1, help="images per step (default: the preset's, 16 for small, 32 for qata; "
+                    "on a CPU try --bs 2 for qata)")
+    bn.add_argument('--reps', type=at_least_1, default=3, help='timed steps of each kind; medians are reported (default 3)')
+    bn.add_argument('--warmup', type=at_least_1, default=1, help='untimed steps first; the first is the one counted for MACs (default 1)')
+    bn.add_argument('--matmul-n', type=at_least_1, default=4096, help='side of the matrix product that measures the machine (default 4096)')
+    bn.add_argument('--compile', nargs='?', const='inductor', metavar='BACKEND',
+                    help='time torch.compile(model, backend=BACKEND) instead of the eager model (BACKEND default inductor)')
+    bn.add_argument('--device', **dev)
+    bn.add_argument('--json', action='store_true', help='print one JSON object')
+    bn.set_defaults(func=cmd_bench)
 
     de = sub.add_parser('demo', help='generate data, train a small model on the CPU (~3 min), score it with true, '
                                      'shuffled and empty sentences')

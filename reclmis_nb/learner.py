@@ -293,11 +293,11 @@ def text_dls(train_ds, valid_ds, # (image, caption, mask) datasets
              feats,              # `CaptionFeatures` covering their captions
              bs, device,         # batch size, torch device
              num_workers=None):  # loader processes (default: none on the CPU, up to 8 with CUDA)
-    "fastai `DataLoaders` of (image, text_feats, text_mask, mask) batches: three inputs, the mask as target"
+    "fastai `DataLoaders` of (image, text_feats, text_mask, mask) batches: three inputs, the mask as target; pinned memory with CUDA"
     if num_workers is None: num_workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 0
     def dl(ds, train):
         return DataLoader(WithTextFeatures(ds, feats), bs=bs, shuffle=train, drop_last=train and len(ds) > bs,
-                          num_workers=num_workers, device=device)
+                          num_workers=num_workers, pin_memory=device.type == 'cuda', device=device)
     dls = DataLoaders(dl(train_ds, True), dl(valid_ds, False), device=device)
     dls.n_inp = 3
     return dls

@@ -10,6 +10,7 @@ __all__ = ['PatchesOfInterest', 'WordsOfInterest', 'conditioned_mask', 'Conditio
 
 # %% ../nbs/06_reconstruction.ipynb #445c71e3
 import torch, torch.nn as nn, torch.nn.functional as F
+from .metrics import in_float32
 
 # %% ../nbs/06_reconstruction.ipynb #e8e428f6
 class PatchesOfInterest(nn.Module):
@@ -203,6 +204,7 @@ def reconstruction_losses(V,        # (B, N, d) raw visual tokens (f4 flattened)
     return loss_t2v, loss_v2t
 
 # %% ../nbs/06_reconstruction.ipynb #dc5b737f
+@in_float32
 def conditioned_contrastive_loss(E,          # (B, T, d) adapter text features
                                  V,          # (B, N, d) raw visual tokens, or f4 as (B, d, h, w)
                                  text_mask,  # (B, T) 1 for real tokens
