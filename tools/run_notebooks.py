@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_TAG = 'skip-execution'
@@ -48,9 +49,10 @@ def main(args):
     cuda, failed = has_cuda(), []
     for p in paths:
         try: print(f'{p.relative_to(ROOT)}: {run(p, cuda):.0f} s', flush=True)
-        except Exception as e:
+        except CellExecutionError as e:
             failed.append(p)
-            print(f'{p.relative_to(ROOT)}: FAILED, left unchanged: {str(e).strip().splitlines()[-1][:300]}', flush=True)
+            print(f'{p.relative_to(ROOT)}: FAILED, left unchanged: {e.ename}: {e.evalue}'[:400], flush=True)
+            print(str(e)[:3000], flush=True)
     subprocess.run(['nbdev-clean'], cwd=ROOT, check=True)
     if failed: sys.exit(1)
 
