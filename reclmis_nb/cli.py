@@ -298,6 +298,7 @@ def main(argv=None # arguments, `sys.argv[1:]` when None
         ):
     "Entry point of the `reclmis` console script"
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch loads OpenMP: before any import (`--device` imports it)
+    warnings.filterwarnings('ignore', r'`torch\.jit\.script` is deprecated', FutureWarning)  # fastai's import, not ours
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # what `--distributed` passes on
     try:
