@@ -6,17 +6,18 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/data.html.md"""
 
 # %% auto #0
 __all__ = ['ZONES', 'SIDES', 'COUNT_WORDS', 'LAYOUTS', 'GUIDEDECODER_VALID_FRACTION', 'IMAGE_EXTS', 'SPLIT_NAMES', 'AUGMENTS',
-           'SGSEG_COMMIT', 'SGSEG_URL', 'QATA_COUNTS', 'DatasetError', 'Notice', 'decode', 'load_image', 'load_mask',
-           'zone_caption', 'caption_zones', 'synthetic_sample', 'make_synthetic_dataset', 'Sample', 'DatasetIndex',
-           'norm_split', 'read_text_table', 'read_annotation_json', 'detect_layout', 'read_dataset', 'check_dataset',
-           'DatasetProblems', 'require_clean', 'format_report', 'resize_pair', 'lvit_eof_pad', 'swap_left_right',
-           'hflip', 'rotate', 'gaussian_blur', 'adjust_saturation', 'rotate_hue', 'photometric', 'released_augment',
-           'consistent_augment', 'LangSegDataset', 'DownloadError', 'unpack_folder', 'download_qata']
+           'CASE_STYLES', 'CAPTION_VARIANTS', 'SGSEG_COMMIT', 'SGSEG_URL', 'QATA_COUNTS', 'DatasetError', 'Notice',
+           'decode', 'load_image', 'load_mask', 'zone_caption', 'caption_zones', 'synthetic_sample',
+           'make_synthetic_dataset', 'Sample', 'DatasetIndex', 'norm_split', 'read_text_table', 'read_annotation_json',
+           'detect_layout', 'read_dataset', 'check_dataset', 'DatasetProblems', 'require_clean', 'format_report',
+           'resize_pair', 'lvit_eof_pad', 'swap_left_right', 'hflip', 'rotate', 'gaussian_blur', 'adjust_saturation',
+           'rotate_hue', 'photometric', 'released_augment', 'consistent_augment', 'LangSegDataset', 'lvit_caption',
+           'typo', 'noisy_caption', 'rewrite_captions', 'DownloadError', 'unpack_folder', 'download_qata']
 
 # %% ../nbs/01_data.ipynb #e9a80dbb
 import json, re, shutil, tempfile, urllib.error, urllib.parse, urllib.request, warnings, zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,22 +72,30 @@ ZONES = ('upper', 'middle', 'lower')
 SIDES = ('left', 'right')
 COUNT_WORDS = ('one', 'two', 'three', 'four', 'five', 'six')
 
-def zone_caption(flags # 6 zone flags: left upper/middle/lower, right upper/middle/lower
-                ):
-    "QaTa/SGSeg sentence naming the infected zones"
-    parts = [' '.join(z for z, f in zip(ZONES, flags[3*i:3*i+3]) if f) + f' {side} lung'
-             for i, side in enumerate(SIDES) if any(flags[3*i:3*i+3])]
-    n = sum(bool(f) for f in flags)
-    if not n: raise ValueError('zone_caption needs at least one infected zone')
+def _zone_sentence(flags, # 6 zone flags
+                   whole=None, # word for a lung whose three zones are all named ('all'); None lists the zones
+                   count_sides=False # count one infected area per lung named instead of one per zone
+                  ):
+    "'<lateral> pulmonary infection, <n> infected area(s), <zones> <side> lung [and ...].' in lower case"
+    groups = [[z for z, f in zip(ZONES, flags[3*i:3*i+3]) if f] for i in range(len(SIDES))]
+    parts = [f"{whole if whole and len(zs) == len(ZONES) else ' '.join(zs)} {side} lung" for zs, side in zip(groups, SIDES) if zs]
+    if not parts: raise ValueError(f'a sentence needs at least one infected zone; got the flags {list(flags)}')
+    n = len(parts) if count_sides else sum(map(len, groups))
     lat = 'bilateral' if len(parts) == 2 else 'unilateral'
     return f"{lat} pulmonary infection, {COUNT_WORDS[n-1]} infected area{'s' if n > 1 else ''}, {' and '.join(parts)}."
 
+def zone_caption(flags # 6 zone flags: left upper/middle/lower, right upper/middle/lower
+                ):
+    "QaTa/SGSeg sentence naming the infected zones"
+    return _zone_sentence(flags)
+
 def caption_zones(caption # a QaTa/SGSeg sentence
                  ):
-    "The 6 zone flags (left upper/middle/lower, right upper/middle/lower) a sentence names"
+    "The 6 zone flags (left upper/middle/lower, right upper/middle/lower) a sentence names; 'all left lung' names three"
     flags = [0] * 6
-    for zones, side in re.findall(r'((?:(?:upper|middle|lower)\s+)+)(left|right)\s+lung', caption.lower()):
-        for z in zones.split(): flags[3*SIDES.index(side) + ZONES.index(z)] = 1
+    for zones, side in re.findall(r'((?:(?:upper|middle|lower|all)\s+)+)(left|right)\s+lung', caption.lower()):
+        for z in zones.split():
+            for zz in (ZONES if z == 'all' else (z,)): flags[3*SIDES.index(side) + ZONES.index(zz)] = 1
     return flags
 
 # %% ../nbs/01_data.ipynb #71456c9f
@@ -606,6 +615,65 @@ class LangSegDataset(Dataset):
         caption = s.caption
         if self.augment is not None: image, mask, caption = self.augment(image, mask, caption, self.generator)
         return image, lvit_eof_pad(caption) if self.lvit_pad else caption, mask
+
+# %% ../nbs/01_data.ipynb #863ce93e
+def lvit_caption(flags # 6 zone flags: left upper/middle/lower, right upper/middle/lower
+                ):
+    "LViT's wording of the zones: sentence case, 'all <side> lung' for a whole lung, one infected area per lung named"
+    s = _zone_sentence(flags, whole='all', count_sides=True)
+    return s[0].upper() + s[1:]
+
+# %% ../nbs/01_data.ipynb #9450b0e6
+CASE_STYLES = (str.lower, str.upper, lambda s: s[:1].upper() + s[1:].lower(), str.title)
+
+def typo(word, # a word of at least two letters
+         rng: np.random.Generator):
+    "The word with one letter dropped or two different neighbouring letters swapped"
+    swaps = [i for i in range(len(word) - 1) if word[i] != word[i+1]]
+    if swaps and rng.random() < 0.5:
+        i = swaps[rng.integers(len(swaps))]
+        return word[:i] + word[i+1] + word[i] + word[i+2:]
+    i = rng.integers(len(word))
+    return word[:i] + word[i+1:]
+
+def noisy_caption(caption, # a sentence
+                  rng: np.random.Generator, # source of the noise
+                  p=0.5 # probability of each kind of noise: case, punctuation, one typo, one extra space
+                 ):
+    "The sentence as a hurried report might write it: case, punctuation, a typo and spacing each changed with probability `p`"
+    if rng.random() < p: caption = CASE_STYLES[rng.integers(len(CASE_STYLES))](caption)
+    if rng.random() < p: caption = (caption.rstrip('.'), caption.replace(',', ''), caption.replace(',', ';'))[rng.integers(3)]
+    if rng.random() < p and (words := [m.span() for m in re.finditer(r'[A-Za-z]{3,}', caption)]):
+        a, b = words[rng.integers(len(words))]
+        caption = caption[:a] + typo(caption[a:b], rng) + caption[b:]
+    if rng.random() < p and (spaces := [m.start() for m in re.finditer(' ', caption)]):
+        i = spaces[rng.integers(len(spaces))]
+        caption = caption[:i] + ' ' + caption[i:]
+    return caption
+
+# %% ../nbs/01_data.ipynb #c03ddc63
+CAPTION_VARIANTS = {
+    'sgseg': lambda flags, rng: zone_caption(flags),
+    'lvit': lambda flags, rng: lvit_caption(flags),
+    'noisy': lambda flags, rng: noisy_caption(zone_caption(flags), rng),
+    'lvit-noisy': lambda flags, rng: noisy_caption(lvit_caption(flags), rng),
+}
+
+def rewrite_captions(samples, # `Sample`s with QaTa sentences
+                     variant=None, # a key of `CAPTION_VARIANTS`; None keeps the sentences
+                     seed=3407 # seed of the noise; sample i draws from `(seed, i)`
+                    ):
+    "The samples with their sentences' zones rewritten in the wording `variant`"
+    if variant is None: return list(samples)
+    if variant not in CAPTION_VARIANTS:
+        raise ValueError(f'unknown caption variant {variant!r}: choose one of {", ".join(CAPTION_VARIANTS)}')
+    out = []
+    for i, s in enumerate(samples):
+        if not any(flags := caption_zones(s.caption or '')):
+            raise ValueError(f'{s.mask or s.image}: the sentence {s.caption!r} names no lung zone, so it cannot be reworded '
+                             '(caption variants rewrite QaTa sentences)')
+        out.append(replace(s, caption=CAPTION_VARIANTS[variant](flags, np.random.default_rng((seed, i)))))
+    return out
 
 # %% ../nbs/01_data.ipynb #e98b965e
 SGSEG_COMMIT = '15f47b21c68df5046b8903cf11ff1b4e59b45888'
