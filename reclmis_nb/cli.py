@@ -97,7 +97,8 @@ def cmd_eval(args):
     checkpoint, root = _exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder')
     if not args.no_check: require_clean(root, (args.split,), f'evaluating the {args.split} split')
     res = evaluate(checkpoint, root, args.split,
-                   native_grid=args.native_grid, text_ablation=args.text_ablation, device=args.device, bs=args.bs)
+                   native_grid=args.native_grid, text_ablation=args.text_ablation, captions=args.captions,
+                   device=args.device, bs=args.bs)
     if args.json: print(json.dumps(res))
     else: print('\n'.join(f'{k:14s} {v:.4f}' if isinstance(v, float) else f'{k:14s} {v}' for k, v in res.items()))
     return 0
@@ -217,6 +218,8 @@ def build_parser():
     ev.add_argument('--split', default='test', choices=['train', 'valid', 'test'])
     ev.add_argument('--native-grid', action='store_true', help="score on each mask's native size")
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
+    ev.add_argument('--captions', choices=['sgseg', 'lvit', 'noisy', 'lvit-noisy'],
+                    help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (data.CAPTION_VARIANTS)")
     ev.add_argument('--json', action='store_true', help='print one JSON object')
     ev.add_argument('--bs', type=int, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)

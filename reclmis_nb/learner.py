@@ -29,7 +29,7 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
 
-from .data import read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right
+from .data import read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right, rewrite_captions
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import BaselineConfig, baseline_config, UNet, LViT
@@ -592,6 +592,7 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
              split='test',        # 'train', 'valid' or 'test'
              native_grid=False,   # upsample predictions to each mask's native size before scoring
              text_ablation=None,  # 'shuffle' or 'empty'; None: the run's own (none, unless trained without text)
+             captions=None,       # a key of `data.CAPTION_VARIANTS`: the sentences reworded first; None: as they are
              device=None, bs=16, seed=3407):
     "Scores of a checkpoint on a split, with its preset and how they were obtained"
     model, info = load_checkpoint(checkpoint, device)
@@ -602,10 +603,10 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
         raise ValueError(f'the {split!r} split of {root} has no complete sample ({len(index.problems)} problems: '
                          f'`reclmis data check {root}` lists them)')
     samples = index.splits[split]
-    ablated = ablate_text(samples, text_ablation, seed)
+    ablated = ablate_text(rewrite_captions(samples, captions, seed), text_ablation, seed)
     res = score(model, ablated, native_grid, bs)
     same = sum(a.caption == s.caption for a, s in zip(ablated, samples))
-    return dict(res, split=split, text_ablation=text_ablation, same_caption=same, native_grid=native_grid,
+    return dict(res, split=split, captions=captions, text_ablation=text_ablation, same_caption=same, native_grid=native_grid,
                 model=info['recipe'].get('arch', 'reclmis'), preset=info['preset'], epochs_done=info['epochs_done'], checkpoint=str(checkpoint))
 
 # %% ../nbs/08_learner.ipynb #db7a2af9

@@ -34,6 +34,9 @@ def test_train_eval_predict(trained, synth, tmp_path, capsys):
                      '--text-ablation', 'shuffle', '--device', 'cpu')
     res = json.loads(out)
     assert rc == 0 and res['text_ablation'] == 'shuffle' and res['native_grid'] is True
+    rc, out, _ = cli(capsys, 'eval', '--checkpoint', trained/'best.pth', '--data', synth, '--json', '--captions', 'lvit-noisy', '--device', 'cpu')
+    res = json.loads(out)
+    assert rc == 0 and res['captions'] == 'lvit-noisy' and res['same_caption'] == 0   # LViT's sentence case changes every sentence
     image = next((synth/'images'/'test'/'images').glob('*.png'))
     before = image.read_bytes()
     rc, out, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text',
@@ -126,3 +129,10 @@ def test_profile_model_json(capsys):
         assert rc == 0 and rows[m]['model'] == m and rows[m]['image_size'] == 128
         assert rows[m]['macs']['flop_counter'] > 0 and rows[m]['params']['inference'] <= rows[m]['params']['total']
     assert rows['unet']['params']['text_encoder'] == 0 < rows['lvit']['params']['text_encoder']
+
+def test_caption_variants_offered():
+    "`eval --captions` offers exactly the wordings `data.CAPTION_VARIANTS` renders"
+    from reclmis_nb.cli import build_parser
+    from reclmis_nb.data import CAPTION_VARIANTS
+    ev = build_parser()._subparsers._group_actions[0].choices['eval']
+    assert next(a.choices for a in ev._actions if a.dest == 'captions') == list(CAPTION_VARIANTS)
