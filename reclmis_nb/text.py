@@ -216,13 +216,14 @@ class TextEncoder(nn.Module):
         if isinstance(sentences, str): sentences = [sentences]
         for i, s in enumerate(sentences):
             if not isinstance(s, str): raise TypeError(f'sentence {i} is {s!r}, not a string: every image needs a caption')
-        extra = self.tokenizer.num_special_tokens_to_add()
-        if any(len(self.tokenizer.tokenize(s)) + extra > self.max_tokens for s in sentences):
-            warnings.warn(Notice(f"a sentence is longer than the text encoder's limit of {self.max_tokens} tokens: it was cut "
-                                 f"to its first {self.max_tokens - extra} word pieces (plus {extra} start/end tokens)"))
         enc = self.tokenizer(list(sentences), padding='max_length', truncation=True, max_length=self.max_tokens,
                              return_tensors='pt')
         mask = enc['attention_mask'].long()
+        extra = self.tokenizer.num_special_tokens_to_add()
+        full = [s for s, n in zip(sentences, mask.sum(1).tolist()) if n == self.max_tokens]  # only these can have been cut
+        if any(len(self.tokenizer.tokenize(s)) + extra > self.max_tokens for s in full):
+            warnings.warn(Notice(f"a sentence is longer than the text encoder's limit of {self.max_tokens} tokens: it was cut "
+                                 f"to its first {self.max_tokens - extra} word pieces (plus {extra} start/end tokens)"))
         return enc['input_ids'].long().masked_fill(mask == 0, self.pad_id), mask
 
     def forward(self, input_ids, attention_mask):
