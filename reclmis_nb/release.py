@@ -6,9 +6,10 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/release.html.md"""
 
 # %% auto #0
 __all__ = ['RELEASE_RULES', 'RECON_PARTS', 'RELEASE_UNUSED', 'CLIP_RULES', 'RELEASE_PRESETS', 'CheckpointError',
-           'allowed_globals', 'read_checkpoint', 'map_release_state', 'release_config', 'ReleaseCLIPText',
-           'cv2_resize_linear', 'release_resize', 'release_resize_mask', 'release_resize_pair', 'pair_resizer',
-           'model_input', 'checkpoint_kind', 'load_release', 'release_arrays', 'release_training_forward']
+           'allowed_globals', 'read_checkpoint', 'unwrap_state', 'map_release_state', 'release_config',
+           'ReleaseCLIPText', 'cv2_resize_linear', 'release_resize', 'release_resize_mask', 'release_resize_pair',
+           'pair_resizer', 'model_input', 'checkpoint_kind', 'load_release', 'release_arrays',
+           'release_training_forward']
 
 # %% ../nbs/07a_release.ipynb #43744f07
 import html, pickle, re, sys
@@ -128,11 +129,15 @@ def _release_key(key):
             return ours
     raise KeyError(key)
 
+def unwrap_state(state): # a state_dict, possibly saved from `nn.DataParallel`
+    "The state_dict without DataParallel's `module.` prefix on every key"
+    return {k[len('module.'):]: v for k, v in state.items()} if state and all(k.startswith('module.') for k in state) else state
+
 def map_release_state(state, # the release's `state_dict` (keys possibly prefixed `module.`)
                       source='checkpoint', # the file, named in errors
                      ):
     "(our model's tensors, the text encoder's tensors, the unused release keys); CheckpointError on an unknown key"
-    if state and all(k.startswith('module.') for k in state): state = {k[len('module.'):]: v for k, v in state.items()}
+    state = unwrap_state(state)
     model, clip, unused, unknown = {}, {}, [], []
     for k, t in state.items():
         if k == 'clip.logit_scale': continue  # the text encoder's temperature, read by `load_release`
@@ -263,8 +268,7 @@ def load_release(ck, # a release checkpoint dict (from `read_checkpoint`) or its
     if not isinstance(ck, dict): source, ck = source or str(ck), read_checkpoint(ck)
     source = source or 'checkpoint'
     if checkpoint_kind(ck, source) != 'release': raise CheckpointError(f'{source} is not a RecLMIS release checkpoint')
-    state = ck['state_dict']
-    if state and all(k.startswith('module.') for k in state): state = {k[len('module.'):]: v for k, v in state.items()}
+    state = unwrap_state(ck['state_dict'])
     weights, clip, unused = map_release_state(state, source)
     cfg = release_config(state, source)
     if 'clip.logit_scale' not in state: raise CheckpointError(f'{source}: its state_dict has no clip.* tensors; the release saves CLIP with the model')
