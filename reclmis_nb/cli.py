@@ -221,7 +221,7 @@ def build_parser():
     ev.add_argument('--captions', choices=['sgseg', 'lvit', 'noisy', 'lvit-noisy'],
                     help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (data.CAPTION_VARIANTS)")
     ev.add_argument('--json', action='store_true', help='print one JSON object')
-    ev.add_argument('--bs', type=int, default=16, help='images per forward (1 is faster on a small CPU)')
+    ev.add_argument('--bs', type=at_least_1, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)
     ev.add_argument('--no-check', **no_check)
     ev.set_defaults(func=cmd_eval)
