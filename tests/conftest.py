@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 QATA = SHARED_DATA / 'qata-sgseg'
 
+def cli(capsys, *argv):
+    "Exit code, stdout, stderr of `reclmis argv` (argparse's own refusals included)"
+    from reclmis_nb.cli import main
+    try: rc = main([str(a) for a in argv])
+    except SystemExit as e: rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
 @pytest.fixture
 def qata_root():
     "The real QaTa subset in ../shared/data, or skip with the reason"

@@ -7,6 +7,8 @@ from PIL import Image
 
 from reclmis_nb.cli import main
 
+from conftest import cli
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 SYNTH = dict(seed=2)  # the `synth` fixture of conftest
@@ -17,12 +19,6 @@ def trained(synth, tmp_path_factory):
     run = tmp_path_factory.mktemp('runs')/'tiny'
     assert main(['train', '--data', str(synth), '--preset', 'tiny', '--epochs', '2', '--out', str(run), '--device', 'cpu', '--quiet']) == 0
     return run
-
-def cli(capsys, *argv):
-    "Exit code, stdout, stderr of `reclmis argv`"
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 def test_train_eval_predict(trained, synth, tmp_path, capsys):
     assert {'best.pth', 'last.pth', 'history.csv', 'run.json'} <= {p.name for p in trained.iterdir()}

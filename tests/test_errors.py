@@ -12,16 +12,11 @@ from PIL import Image
 from reclmis_nb.cli import main
 from reclmis_nb.data import make_synthetic_dataset, Notice
 
+from conftest import cli
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 TEXT = 'unilateral pulmonary infection, one infected area, lower left lung.'
-
-def cli(capsys, *argv):
-    "Exit code, stdout, stderr of `reclmis argv` (argparse's own refusals included)"
-    try: rc = main([str(a) for a in argv])
-    except SystemExit as e: rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 def digest(folder):
     "Every file under `folder` with the hash of its bytes: equal digests mean nothing was changed, added or removed"
