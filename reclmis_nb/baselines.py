@@ -37,6 +37,7 @@ class BaselineConfig:
     max_tokens:int = 10 # T: text tokens per sentence (LViT: 10)
     dim:int = 768 # width of the text features (LViT: BERT's 768)
     text_pretrained:bool = True # False: the text encoder's architecture with random weights (tests, profiling)
+    canonical_text:bool = False # read sentences in SGSeg's wording of their zones, as RecLMIS's switch (07_model)
     loss_weights:dict = field(default_factory=lambda: {'seg': 1.}) # only the segmentation loss
 
     @property
@@ -76,7 +77,7 @@ class SegmentationModel(LanguageGuidedModel):
             if text_encoder.dim != cfg.dim or text_encoder.max_tokens != cfg.max_tokens:
                 raise ValueError(f'{cfg.name}: the text encoder gives {text_encoder.max_tokens} tokens of {text_encoder.dim}, '
                                  f'the model needs max_tokens={cfg.max_tokens}, dim={cfg.dim}')
-            text_encoder = text_encoder.requires_grad_(False)
+            text_encoder = text_encoder.reading(cfg.canonical_text).requires_grad_(False)
         self.text_encoder = text_encoder
 
     def total_loss(self,

@@ -98,7 +98,7 @@ def cmd_eval(args):
     if not args.no_check: require_clean(root, (args.split,), f'evaluating the {args.split} split')
     res = evaluate(checkpoint, root, args.split,
                    native_grid=args.native_grid, text_ablation=args.text_ablation, captions=args.captions,
-                   device=args.device, bs=args.bs)
+                   canonical=args.canonical, device=args.device, bs=args.bs)
     if args.json: print(json.dumps(res))
     else: print('\n'.join(f'{k:14s} {v:.4f}' if isinstance(v, float) else f'{k:14s} {v}' for k, v in res.items()))
     return 0
@@ -220,6 +220,8 @@ def build_parser():
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
     ev.add_argument('--captions', choices=['sgseg', 'lvit', 'noisy', 'lvit-noisy'],
                     help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (data.CAPTION_VARIANTS)")
+    ev.add_argument('--canonical', action=argparse.BooleanOptionalAction,
+                    help="read every sentence in SGSeg's wording of its zones (--no-canonical: as written); default: as trained")
     ev.add_argument('--json', action='store_true', help='print one JSON object')
     ev.add_argument('--bs', type=at_least_1, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)

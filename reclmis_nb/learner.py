@@ -593,9 +593,15 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
              native_grid=False,   # upsample predictions to each mask's native size before scoring
              text_ablation=None,  # 'shuffle' or 'empty'; None: the run's own (none, unless trained without text)
              captions=None,       # a key of `data.CAPTION_VARIANTS`: the sentences reworded first; None: as they are
+             canonical=None,      # True/False: the model reads sentences canonically / as written; None: as trained
              device=None, bs=16, seed=3407):
     "Scores of a checkpoint on a split, with its preset and how they were obtained"
     model, info = load_checkpoint(checkpoint, device)
+    if canonical is not None:
+        if not hasattr(model.text_encoder, 'reading'):
+            raise ValueError(f'{checkpoint}: this model reads no sentences, or reads them as the release does: '
+                             'canonical reading needs a model trained with this library')
+        model.text_encoder = model.text_encoder.reading(canonical)
     text_ablation = text_ablation or info['recipe'].get('text_ablation')
     index = read_dataset(root)
     if split not in index.splits: raise ValueError(f'{root} has no {split!r} split (it has {", ".join(index.splits)}): choose one of those')
@@ -606,7 +612,8 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
     ablated = ablate_text(rewrite_captions(samples, captions, seed), text_ablation, seed)
     res = score(model, ablated, native_grid, bs)
     same = sum(a.caption == s.caption for a, s in zip(ablated, samples))
-    return dict(res, split=split, captions=captions, text_ablation=text_ablation, same_caption=same, native_grid=native_grid,
+    return dict(res, split=split, captions=captions, canonical_text=getattr(model.text_encoder, 'canonical', False),
+                text_ablation=text_ablation, same_caption=same, native_grid=native_grid,
                 model=info['recipe'].get('arch', 'reclmis'), preset=info['preset'], epochs_done=info['epochs_done'], checkpoint=str(checkpoint))
 
 # %% ../nbs/08_learner.ipynb #db7a2af9

@@ -51,6 +51,7 @@ class RecLMISConfig:
     interaction_text_residual:bool = False # release: E'' is the text-to-vision attention alone, E is not added back
     mask_mode:str = 'sample' # conditioned masking: 'sample' in proportion to W_poi/W_woi (paper), 'topk' the heaviest (release's switch)
     pipeline:str = 'library' # input preparation: 'library' (ours) or 'release' (BGR, cv2 resize, ' EOF XXX'; see 07a_release)
+    canonical_text:bool = False # read every sentence in SGSeg's wording of the zones it names (data.canonical_caption)
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
@@ -61,6 +62,8 @@ class RecLMISConfig:
         if self.dim % self.heads: problems.append(f'dim={self.dim} is not divisible by heads={self.heads}')
         if self.mask_mode not in ('sample', 'topk'): problems.append(f"mask_mode={self.mask_mode!r} must be 'sample' or 'topk'")
         if self.pipeline not in ('library', 'release'): problems.append(f"pipeline={self.pipeline!r} must be 'library' or 'release'")
+        if self.canonical_text and self.pipeline == 'release':
+            problems.append("canonical_text=True would rewrite away the release pipeline's ' EOF XXX' padding: use pipeline='library'")
         if self.pos_embed_init not in ('zeros', 'trunc_normal'):
             problems.append(f"pos_embed_init={self.pos_embed_init!r} must be 'zeros' or 'trunc_normal'")
         for k in ('image_mask_rate', 'text_mask_rate'):
@@ -77,9 +80,11 @@ PRESETS = {
     'mosmed': RecLMISConfig(name='mosmed', recon_layers=3, image_mask_rate=0.3, interest_dropout=0.5),
     'small': RecLMISConfig(name='small', image_size=128, widths=(16, 32, 64, 128, 128), dim=128, recon_layers=2,
                            recon_ffn=256, text_encoder='minilm', max_tokens=32,
-                           pos_embed_init='trunc_normal', interaction_key_mask=True, interaction_text_residual=True),  # deviations: see above
+                           pos_embed_init='trunc_normal', interaction_key_mask=True, interaction_text_residual=True,
+                           canonical_text=True),  # deviations: see above
 }
-RELEASE_SWITCHES = {k: getattr(PRESETS['qata'], k) for k in ('pos_embed_init', 'interaction_key_mask', 'interaction_text_residual')}  # `small`'s three deviations at the release's values
+RELEASE_SWITCHES = {k: getattr(PRESETS['qata'], k) for k in ('pos_embed_init', 'interaction_key_mask', 'interaction_text_residual',
+                                                             'canonical_text')}  # `small`'s four deviations at the release's values
 
 def get_preset(name:str, # 'qata', 'mosmed' or 'small'
                **overrides): # RecLMISConfig fields to change
@@ -141,6 +146,7 @@ class RecLMIS(LanguageGuidedModel):
         self.cfg = cfg
         if text_encoder is None:
             text_encoder = TextEncoder(cfg.text_encoder, max_tokens=cfg.max_tokens, dim=cfg.dim, pretrained=cfg.text_pretrained)
+        if isinstance(text_encoder, TextEncoder): text_encoder = text_encoder.reading(cfg.canonical_text)  # as cfg says
         if text_encoder.dim != cfg.dim:
             raise ValueError(f'RecLMIS {cfg.name!r}: the text encoder gives {text_encoder.dim}-wide features, the model needs dim={cfg.dim}')
         self.text_encoder = text_encoder.requires_grad_(False)

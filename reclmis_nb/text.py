@@ -11,7 +11,7 @@ __all__ = ['CLIP_HUB_ID', 'CLIP_N_MERGES', 'TINY_WORDS', 'MINILM_PACKAGE', 'CXR_
            'TextEncoder']
 
 # %% ../nbs/03_text.ipynb #951c2ce8
-import contextlib, gzip, importlib.util, json, os, socket, warnings
+import contextlib, copy, gzip, importlib.util, json, os, socket, warnings
 from pathlib import Path
 from urllib.parse import urlparse
 import torch
@@ -21,7 +21,7 @@ from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, Bert
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as hf_logging
 import huggingface_hub.constants
-from .data import Notice
+from .data import Notice, canonical_caption
 
 # %% ../nbs/03_text.ipynb #d773352b
 CLIP_HUB_ID = 'openai/clip-vit-base-patch32'
@@ -190,13 +190,14 @@ class TextEncoder(nn.Module):
                  dim=512,              # width of the returned features; a frozen projection maps to it if needed
                  pretrained=True,      # False: the preset's architecture with seeded random weights
                  path=None,            # a folder with the preset's files, instead of its hub id / bundled copy
+                 canonical=False,      # read each sentence as `data.canonical_caption` rewrites it (the zones it names)
                 ):
         super().__init__()
         if name in TEXT_PRESETS: backbone, self.tokenizer = TEXT_PRESETS[name](pretrained, path)
         elif Path(name).is_dir() or '/' in str(name): backbone, self.tokenizer = load_auto(name, pretrained)
         else: raise ValueError(f'unknown text encoder {name!r}: use one of {list(TEXT_PRESETS)}, '
                                "a folder with a transformers model, or a hub id 'owner/name'")
-        self.name, self.max_tokens, self.dim = str(name), max_tokens, dim
+        self.name, self.max_tokens, self.dim, self.canonical = str(name), max_tokens, dim, canonical
         self.backbone = backbone
         self.is_clip = isinstance(backbone, CLIPTextModelWithProjection)
         self.width = backbone.config.projection_dim if self.is_clip else backbone.config.hidden_size
@@ -211,11 +212,23 @@ class TextEncoder(nn.Module):
         "Always eval: the frozen encoder never runs dropout"
         return super().train(False)
 
+    def reads(self, sentence):
+        "The sentence as the encoder reads it: its `canonical_caption` when `canonical`, else as written"
+        return canonical_caption(sentence) if self.canonical and isinstance(sentence, str) else sentence
+
+    def reading(self, canonical=True):
+        "This encoder reading sentences canonically (or as written): itself, or a copy that shares its frozen weights"
+        if canonical == self.canonical: return self
+        other = copy.copy(self)
+        other.canonical, other._cache = canonical, {}
+        return other
+
     def tokenize(self, sentences):
         "Token ids and attention mask, both (B, max_tokens) long, padded and truncated (end token kept)"
         if isinstance(sentences, str): sentences = [sentences]
         for i, s in enumerate(sentences):
             if not isinstance(s, str): raise TypeError(f'sentence {i} is {s!r}, not a string: every image needs a caption')
+        sentences = [self.reads(s) for s in sentences]
         enc = self.tokenizer(list(sentences), padding='max_length', truncation=True, max_length=self.max_tokens,
                              return_tensors='pt')
         mask = enc['attention_mask'].long()
@@ -242,6 +255,7 @@ class TextEncoder(nn.Module):
               ):
         "Frozen features (B,T,dim) float and mask (B,T) long, computed once per distinct sentence"
         if isinstance(sentences, str): sentences = [sentences]
+        sentences = [self.reads(s) for s in sentences]   # cached by what is read: rewordings share one entry
         new = [s for s in dict.fromkeys(sentences) if s not in self._cache]
         if new:
             ids, mask = self.tokenize(new)

@@ -50,6 +50,19 @@ def test_train_eval_predict(trained, synth, tmp_path, capsys):
     assert rc == 0 and probs.dtype == np.float32 and probs.shape == (32, 32), err  # the tiny preset's input grid
     assert ((probs >= 0) & (probs <= 1)).all() and f'{image.stem}_probs.npy' in out
 
+
+def test_eval_canonical(trained, synth, capsys):
+    "Read canonically, LViT's wording with noise is the sentence SGSeg wrote: the same scores to the last bit"
+    res = {}
+    for args in (('--captions', 'sgseg'), ('--captions', 'lvit-noisy'), ('--captions', 'lvit-noisy', '--no-canonical')):
+        rc, out, err = cli(capsys, 'eval', '--checkpoint', trained/'best.pth', '--data', synth, '--json', *args, '--device', 'cpu')
+        assert rc == 0, err
+        res[args[-1]] = json.loads(out)
+    keys = ('dice', 'iou', 'dice_global', 'iou_global')
+    assert res['sgseg']['canonical_text'] and res['lvit-noisy']['canonical_text']   # the tiny preset is `small`'s: on
+    assert [res['lvit-noisy'][k] for k in keys] == [res['sgseg'][k] for k in keys]   # same features, same arithmetic
+    assert res['--no-canonical']['canonical_text'] is False
+
 def test_resume_after_interruption(synth, tmp_path, capsys):
     run = tmp_path/'run'
     assert cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '3', '--out', run, '--stop-after', '1', '--quiet')[0] == 0
