@@ -200,8 +200,8 @@ def build_parser():
     tr.add_argument('--seed', type=int, help="random seed: weights, shuffling, augmentation (default: the preset's, 3407)")
     tr.add_argument('--loss-weight', type=loss_weight, action='append', metavar='TERM=W',
                     help='change a RecLMIS loss weight (seg, ccl, v2t, t2v; 0 switches it off); repeatable')
-    tr.add_argument('--as-released', action='store_true', help="switch off the `small` preset's three deviations from the "
-                    "release (trunc-normal position embedding, key mask, text residual in the interaction)")
+    tr.add_argument('--as-released', action='store_true', help="switch off the `small` preset's four deviations from the "
+                    "release (trunc-normal position embedding, key mask, text residual in the interaction; canonical reading)")
     tr.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='train and score without the text (ablation)')
     tr.add_argument('--distributed', type=at_least_1, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')

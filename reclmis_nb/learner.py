@@ -66,7 +66,7 @@ RECIPES = {
     'qata':   Recipe('qata', 'qata', epochs=2000, bs=32, schedule='cosine', patience=100),
     'mosmed': Recipe('mosmed', 'mosmed', epochs=400, bs=20, schedule='decay', patience=30),
     'small':  Recipe('small', 'small', epochs=8, bs=16, lr=1e-3, schedule='cosine', period=0, augment=None),
-    'demo':   Recipe('demo', 'small', epochs=8, bs=8, lr=2e-3, schedule='cosine', period=0, model_overrides=dict(image_size=64),
+    'demo':   Recipe('demo', 'small', epochs=8, bs=8, lr=2e-3, schedule='cosine', period=0, model_overrides=dict(image_size=64, canonical_text=False),
                       baseline_overrides=dict(image_size=64)),
     'tiny':   Recipe('tiny', 'small', epochs=2, bs=4, schedule='constant', augment=None, model_overrides=TINY_MODEL,
                       baseline_overrides=TINY_BASELINE),
