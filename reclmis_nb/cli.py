@@ -119,7 +119,7 @@ def cmd_predict(args):
     if args.probs: paths.append(out/f'{image_path.stem}_probs.npy')
     if clash := [p for p in paths if p.exists()]:
         raise UsageError(f'{clash[0]} exists: choose another --out (predict never writes over a file)')
-    model, info = load_checkpoint(_exists(args.checkpoint, 'checkpoint'), args.device)
+    model, info = load_checkpoint(_exists(args.checkpoint, 'checkpoint'), args.device, args.canonical)
     grid_probs = predict_probs(model, image, args.text)
     probs = to_image_grid(grid_probs, image)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,8 @@ def cmd_predict(args):
 def cmd_explain(args):
     "Per-word attention, Captum word scores and counterfactual masks for one image and one sentence"
     from reclmis_nb.interpret import explain
-    paths = explain(args.checkpoint, args.image, args.text, out=args.out, device=args.device, n_steps=args.steps)
+    paths = explain(args.checkpoint, args.image, args.text, out=args.out, device=args.device, n_steps=args.steps,
+                    canonical=args.canonical)
     print('\n'.join(f'{k}: {p}' for k, p in paths.items()))
     return 0
 
@@ -220,8 +221,9 @@ def build_parser():
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
     ev.add_argument('--captions', choices=['sgseg', 'lvit', 'noisy', 'lvit-noisy'],
                     help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (data.CAPTION_VARIANTS)")
-    ev.add_argument('--canonical', action=argparse.BooleanOptionalAction,
-                    help="read every sentence in SGSeg's wording of its zones (--no-canonical: as written); default: as trained")
+    canonical = dict(action=argparse.BooleanOptionalAction,
+                     help="read every sentence in SGSeg's wording of its zones (--no-canonical: as written); default: as trained")
+    ev.add_argument('--canonical', **canonical)
     ev.add_argument('--json', action='store_true', help='print one JSON object')
     ev.add_argument('--bs', type=at_least_1, default=16, help='images per forward (1 is faster on a small CPU)')
     ev.add_argument('--device', **dev)
@@ -236,6 +238,7 @@ def build_parser():
         sp.add_argument('--text', required=True, help='the sentence describing what to segment')
         sp.add_argument('--out', type=Path, default=Path('.'), help=f'folder for {writes}')
         sp.add_argument('--device', **dev)
+        sp.add_argument('--canonical', **canonical)
         sp.set_defaults(func=func)
         return sp
     pr = one_image('predict', 'segment one image from a sentence (no ground truth needed)', cmd_predict,

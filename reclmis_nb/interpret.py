@@ -490,6 +490,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             device=None, # torch device (default: CUDA when available)
             n_steps:int=32, # integration steps of the word attributions
             region=None, # what the word scores explain: see `pick_region` (default: the predicted mask)
+            canonical=None, # True/False: the model reads the sentence canonically / as written; None: as trained
            ):
     "Write <stem>_attention.png, <stem>_words.png, <stem>_words.json and <stem>_counterfactual.png; returns their paths"
     from reclmis_nb.learner import load_checkpoint, all_or_nothing
@@ -505,7 +506,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
                  words_json=out/f'{image.stem}_words.json', counterfactual=out/f'{image.stem}_counterfactual.png')
     if clash := [p for p in paths.values() if p.exists()]:
         raise FileExistsError(f'{clash[0]} exists: choose another --out folder (explain never writes over a file)')
-    model, info = load_checkpoint(checkpoint, device)
+    model, info = load_checkpoint(checkpoint, device, canonical)
     if (arch := info['recipe'].get('arch', 'reclmis')) != 'reclmis':
         raise ValueError(f'{checkpoint} holds a {arch} model: explain reads RecLMIS attention and interest weights, '
                          'so it needs a RecLMIS checkpoint')

@@ -549,17 +549,22 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
 
 # %% ../nbs/08_learner.ipynb #133daff1
 def load_checkpoint(path,         # best.pth / last.pth, or a run folder (its best.pth)
-                    device='cpu'):  # where to put the model
+                    device='cpu',   # where to put the model
+                    canonical=None): # True/False: the model reads sentences canonically / as written; None: as trained
     "The trained model in eval mode, and the checkpoint's preset, recipe, config, data, epochs, best and history"
     path = Path(path)
     if path.is_dir(): path = path/'best.pth'
     ck = read_checkpoint(path)
-    if checkpoint_kind(ck, path) == 'release':  # the authors' file: see 07a_release
-        model, info = load_release(ck, path)
-        return model.to(pick_device(device)).eval(), info
-    arch = ck['recipe'].get('arch', 'reclmis')
-    model = load_weights(model_from_config(arch, config_from_dict(arch, ck['config'])), ck['model'])
-    info = {k: ck[k] for k in ('preset', 'recipe', 'config', 'data', 'epochs_done', 'best', 'history')}
+    if checkpoint_kind(ck, path) == 'release': model, info = load_release(ck, path)  # the authors' file: see 07a_release
+    else:
+        arch = ck['recipe'].get('arch', 'reclmis')
+        model = load_weights(model_from_config(arch, config_from_dict(arch, ck['config'])), ck['model'])
+        info = {k: ck[k] for k in ('preset', 'recipe', 'config', 'data', 'epochs_done', 'best', 'history')}
+    if canonical is not None:
+        if not hasattr(model.text_encoder, 'reading'):
+            raise ValueError(f'{path}: this model reads no sentences, or reads them as the release does: '
+                             'canonical reading needs a model trained with this library')
+        model.text_encoder = model.text_encoder.reading(canonical)
     return model.to(pick_device(device)).eval(), info
 
 # %% ../nbs/08_learner.ipynb #a65888be
@@ -596,12 +601,7 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
              canonical=None,      # True/False: the model reads sentences canonically / as written; None: as trained
              device=None, bs=16, seed=3407):
     "Scores of a checkpoint on a split, with its preset and how they were obtained"
-    model, info = load_checkpoint(checkpoint, device)
-    if canonical is not None:
-        if not hasattr(model.text_encoder, 'reading'):
-            raise ValueError(f'{checkpoint}: this model reads no sentences, or reads them as the release does: '
-                             'canonical reading needs a model trained with this library')
-        model.text_encoder = model.text_encoder.reading(canonical)
+    model, info = load_checkpoint(checkpoint, device, canonical)
     text_ablation = text_ablation or info['recipe'].get('text_ablation')
     index = read_dataset(root)
     if split not in index.splits: raise ValueError(f'{root} has no {split!r} split (it has {", ".join(index.splits)}): choose one of those')

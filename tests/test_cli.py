@@ -51,7 +51,7 @@ def test_train_eval_predict(trained, synth, tmp_path, capsys):
     assert ((probs >= 0) & (probs <= 1)).all() and f'{image.stem}_probs.npy' in out
 
 
-def test_eval_canonical(trained, synth, capsys):
+def test_eval_canonical(trained, synth, tmp_path, capsys):
     "Read canonically, LViT's wording with noise is the sentence SGSeg wrote: the same scores to the last bit"
     res = {}
     for args in (('--captions', 'sgseg'), ('--captions', 'lvit-noisy'), ('--captions', 'lvit-noisy', '--no-canonical')):
@@ -62,6 +62,15 @@ def test_eval_canonical(trained, synth, capsys):
     assert res['sgseg']['canonical_text'] and res['lvit-noisy']['canonical_text']   # the tiny preset is `small`'s: on
     assert [res['lvit-noisy'][k] for k in keys] == [res['sgseg'][k] for k in keys]   # same features, same arithmetic
     assert res['--no-canonical']['canonical_text'] is False
+    image = next((synth/'images'/'test'/'images').glob('*.png'))
+    masks = []
+    for k, text in enumerate(('unilateral pulmonary infection, one infected area, upper middle lower left lung.',
+                              'Unilateral pulmonary infection, one infected area, all LEFT lng')):
+        rc, _, err = cli(capsys, 'predict', '--checkpoint', trained/'best.pth', image, '--text', text, '--out', tmp_path/str(k),
+                         '--canonical', '--device', 'cpu')
+        assert rc == 0, err
+        masks.append((tmp_path/str(k)/f'{image.stem}_mask.png').read_bytes())
+    assert masks[0] == masks[1]   # the same sentence to the model, the same mask file
 
 def test_resume_after_interruption(synth, tmp_path, capsys):
     run = tmp_path/'run'
