@@ -170,7 +170,7 @@ class RecLMIS(LanguageGuidedModel):
         te = f"{c.text_encoder} ({c.max_tokens} tokens, {'pretrained' if c.text_pretrained else 'random'}, frozen)"
         switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target',
                                                       'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual',
-                                                      'mask_mode', 'pipeline'))
+                                                      'mask_mode', 'pipeline', 'canonical_text'))
         return (f'RecLMIS preset {c.name!r}: {c.image_size}x{c.image_size}, widths {c.widths}, dim {c.dim}, heads {c.heads}, text {te}\n'
                 f'  reconstruction: {c.recon_layers} layers/stack, ffn {c.recon_ffn}, mask rate image {c.image_mask_rate} '
                 f'text {c.text_mask_rate}, POI/WOI dropout {c.interest_dropout}, loss weights {c.loss_weights}\n'
