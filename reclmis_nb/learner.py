@@ -554,14 +554,16 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
 
 # %% ../nbs/08_learner.ipynb #e4714b41
 class PhaseTimer(Callback):
-    "Wall seconds of each phase of a fit (train/valid load, forward, loss, backward, optimizer, ...) and the images seen"
+    "Wall seconds of each phase (train/valid load, forward, loss, backward, optimizer, ...) per epoch of a fit, and the images seen"
     order = 100  # after every other callback of an event: each phase includes the callbacks that run in it
-    def before_fit(self): self.seconds, self.images, self.t = Counter(), Counter(), time.perf_counter()
+    def before_fit(self): self.epochs, self.images, self.t = [], Counter(), time.perf_counter()
+    @property
+    def seconds(self): return sum(self.epochs, Counter())
     def _lap(self, phase, split=True):
         t = time.perf_counter()
-        self.seconds[f'{"train" if self.training else "valid"} {phase}' if split else phase] += t - self.t
+        self.epochs[-1][f'{"train" if self.training else "valid"} {phase}' if split else phase] += t - self.t
         self.t = t
-    def before_epoch(self): self._lap('epoch start', False)
+    def before_epoch(self): self.epochs.append(Counter()); self._lap('epoch start', False)
     def before_train(self): self._lap('epoch start', False)
     def before_batch(self):
         self._lap('load')
@@ -577,7 +579,8 @@ class PhaseTimer(Callback):
     def before_validate(self): self._lap('train bookkeeping', False)
     def after_validate(self): self._lap('valid metrics', False)
     def after_epoch(self): self._lap('epoch end', False)
-    def after_fit(self): self._lap('epoch end', False)
+    def after_fit(self):
+        if self.epochs: self._lap('epoch end', False)   # an epoch ended by an exception skipped after_epoch
 
 def item_seconds(ds,             # a `LangSegDataset`
                  feats,          # `CaptionFeatures` with its captions
@@ -594,7 +597,8 @@ def item_seconds(ds,             # a `LangSegDataset`
         if ds.augment is not None: image, mask, caption = ds.augment(image, mask, caption, ds.generator)
         t5 = tick(); feats[caption]
         t6 = tick()
-        if encode and feats.encoder is not None: feats.encoder.encode([caption])
+        if encode and feats.encoder is not None:   # the encoder's forward itself (`encode` would find its own cache)
+            with torch.no_grad(): feats.encoder(*feats.encoder.tokenize([caption]))
         for k, a, b in (('decode', t0, t1), ('resize', t1, t2), ('cached read', t3, t4), ('augment', t4, t5),
                         ('text lookup', t5, t6), ('text encode', t6, tick())): secs[k] += b - a
     return secs
