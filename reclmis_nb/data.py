@@ -61,8 +61,9 @@ def load_mask(path # mask file: 0/1, 0/255, palette or RGB
     "Mask as a float tensor (1,H,W) in {0,1}: any non-zero (non-black) pixel is foreground; a `Notice` if several values are"
     a, _ = decode(path)
     px = a.reshape(-1, a.shape[-1] if a.ndim == 3 else 1)
-    if len(fg := np.unique(px[px.any(-1)], axis=0)) > 1:   # several labels (palette indices, colours) merged into one
-        vals = [str(v[0]) if len(v) == 1 else str(tuple(v.tolist())) for v in fg]
+    fg = px[px.any(-1)]
+    if len(fg) and (fg != fg[0]).any():   # several labels (palette indices, colours) merged into one
+        vals = [str(v[0]) if len(v) == 1 else str(tuple(v.tolist())) for v in np.unique(fg, axis=0)]  # sorting: only then
         warnings.warn(Notice(f'a mask has {len(vals)} non-zero values ({", ".join(vals[:6])}{", ..." if len(vals) > 6 else ""}): '
                              'all became foreground; masks should be 0/1 or 0/255'))
     if a.ndim == 3: a = a.max(-1)
