@@ -11,11 +11,12 @@ __all__ = ['TINY_MODEL', 'TINY_BASELINE', 'RECIPES', 'ARCHS', 'TEXT_ABLATIONS', 
            'seg_metrics', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner',
            'atomic_save', 'all_or_nothing', 'trainable_state', 'RunCheckpoint', 'new_run_dir', 'derangement',
            'ablate_text', 'TrainingInterrupted', 'interrupted_message', 'resume_checkpoint', 'refuse_changes',
-           'format_run', 'load_weights', 'train', 'load_checkpoint', 'score', 'evaluate', 'as_image', 'predict_probs',
-           'to_image_grid', 'predict_image', 'overlay', 'show_predictions', 'demo']
+           'format_run', 'load_weights', 'train', 'PhaseTimer', 'item_seconds', 'load_checkpoint', 'score', 'evaluate',
+           'as_image', 'predict_probs', 'to_image_grid', 'predict_image', 'overlay', 'show_predictions', 'demo']
 
 # %% ../nbs/08_learner.ipynb #c366fe71
 import contextlib, csv, json, math, os, random, shlex, time
+from collections import Counter
 from dataclasses import dataclass, field, asdict, replace, fields
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
 
-from .data import read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right, rewrite_captions
+from .data import (read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right,
+                             rewrite_captions, pack, unpack, CACHE_BYTES)
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import BaselineConfig, baseline_config, UNet, LViT
@@ -490,6 +492,8 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
           stop_after=None,  # stop after this many epochs as an interruption would (tests)
           progress=True,    # fastai's progress bar and epoch table
           check=True,       # decode every file of the train and valid splits before the first batch (`require_clean`)
+          cbs=(),           # more fastai callbacks for the fit (e.g. `PhaseTimer`)
+          cache_bytes=CACHE_BYTES, # per split, bytes of decoded, resized items kept in memory (`LangSegDataset`); 0: none
           **overrides):     # `Recipe` fields to change (arch, bs, lr, model_overrides, text_ablation, ...)
     "Train RecLMIS (or a baseline) with a recipe; returns the run folder (run.json, last.pth, best.pth, history.csv)"
     device = setup_distributed(pick_device(device))  # this process's device; joins the group of a torchrun launch
@@ -529,9 +533,10 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     meta = dict(preset=recipe.name, recipe=asdict(recipe), config=asdict(cfg), data=str(root))
     resumed = {} if ck is None else {k: ck[k] for k in ('history', 'best', 'wait', 'smooth')}
     ckpt = RunCheckpoint(run_dir, meta, recipe.patience, stop_after=stop_after, **resumed)
-    dls = text_dls(LangSegDataset(train_s, size=S, augment=recipe.augment), LangSegDataset(valid_s, size=S),
+    dls = text_dls(LangSegDataset(train_s, size=S, augment=recipe.augment, cache_bytes=cache_bytes),
+                   LangSegDataset(valid_s, size=S, cache_bytes=cache_bytes),
                    feats, shard_bs(recipe.bs), device)
-    learn = recl_learner(model.to(device), dls, recipe, cbs=[ckpt])
+    learn = recl_learner(model.to(device), dls, recipe, cbs=[ckpt, *cbs])
     if ck is not None:
         load_weights(model, ck['model'])
         learn.create_opt()
@@ -546,6 +551,57 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     except KeyboardInterrupt: raise TrainingInterrupted(interrupted_message(run_dir, getattr(learn, 'epoch', 0), recipe.epochs, len(ckpt.history))) from None
     leave_distributed()
     return run_dir
+
+# %% ../nbs/08_learner.ipynb #e4714b41
+class PhaseTimer(Callback):
+    "Wall seconds of each phase (train/valid load, forward, loss, backward, optimizer, ...) per epoch of a fit, and the images seen"
+    order = 100  # after every other callback of an event: each phase includes the callbacks that run in it
+    def before_fit(self): self.epochs, self.images, self.t = [], Counter(), time.perf_counter()
+    @property
+    def seconds(self): return sum(self.epochs, Counter())
+    def _lap(self, phase, split=True):
+        t = time.perf_counter()
+        self.epochs[-1][f'{"train" if self.training else "valid"} {phase}' if split else phase] += t - self.t
+        self.t = t
+    def before_epoch(self): self.epochs.append(Counter()); self._lap('epoch start', False)
+    def before_train(self): self._lap('epoch start', False)
+    def before_batch(self):
+        self._lap('load')
+        self.images['train' if self.training else 'valid'] += self.yb[0].shape[0]
+    def after_pred(self): self._lap('forward')
+    def after_loss(self): self._lap('loss')
+    def before_backward(self): self._lap('loss')
+    def after_backward(self): self._lap('backward')
+    def before_step(self): self._lap('backward')
+    def after_step(self): self._lap('optimizer')
+    def after_batch(self): self._lap('bookkeeping' if self.training else 'metrics')
+    def after_train(self): self._lap('load')
+    def before_validate(self): self._lap('train bookkeeping', False)
+    def after_validate(self): self._lap('valid metrics', False)
+    def after_epoch(self): self._lap('epoch end', False)
+    def after_fit(self):
+        if self.epochs: self._lap('epoch end', False)   # an epoch ended by an exception skipped after_epoch
+
+def item_seconds(ds,             # a `LangSegDataset`
+                 feats,          # `CaptionFeatures` with its captions
+                 items=None,     # indices of the items to time (default: all)
+                 encode=False):  # also time encoding each caption again, as if features were not looked up
+    "Seconds of each stage of making items of `ds`, each timed alone: decode, resize, cached read, augment, text lookup"
+    secs, tick = Counter(), time.perf_counter
+    for i in (range(len(ds)) if items is None else items):
+        t0 = tick(); image, mask = ds.decoded(i)
+        t1 = tick(); image, mask = ds.resize(image, mask, ds.size)
+        t2 = tick(); packed = (pack(image), pack(mask))
+        t3 = tick(); image, mask = (unpack(*p) for p in packed)
+        t4 = tick(); caption = ds.samples[i].caption
+        if ds.augment is not None: image, mask, caption = ds.augment(image, mask, caption, ds.generator)
+        t5 = tick(); feats[caption]
+        t6 = tick()
+        if encode and feats.encoder is not None:   # the encoder's forward itself (`encode` would find its own cache)
+            with torch.no_grad(): feats.encoder(*feats.encoder.tokenize([caption]))
+        for k, a, b in (('decode', t0, t1), ('resize', t1, t2), ('cached read', t3, t4), ('augment', t4, t5),
+                        ('text lookup', t5, t6), ('text encode', t6, tick())): secs[k] += b - a
+    return secs
 
 # %% ../nbs/08_learner.ipynb #133daff1
 def load_checkpoint(path,         # best.pth / last.pth, or a run folder (its best.pth)

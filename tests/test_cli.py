@@ -154,3 +154,14 @@ def test_caption_variants_offered():
     from reclmis_nb.data import CAPTION_VARIANTS
     ev = build_parser()._subparsers._group_actions[0].choices['eval']
     assert next(a.choices for a in ev._actions if a.dest == 'captions') == list(CAPTION_VARIANTS)
+
+def test_cache_flag(synth, tmp_path, capsys, monkeypatch):
+    "`--cache-mb` reaches `train` as bytes (absent: the library's default); a negative size is refused in one line"
+    from reclmis_nb import learner
+    seen = []
+    monkeypatch.setattr(learner, 'train', lambda *a, **kw: seen.append(kw) or tmp_path)
+    for flag in (['--cache-mb', '0'], ['--cache-mb', '3'], []):
+        assert cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--quiet', *flag)[0] == 0
+    assert [kw.get('cache_bytes') for kw in seen] == [0, 3 * 2**20, None]
+    rc, _, err = cli(capsys, 'train', '--data', synth, '--cache-mb', '-1')
+    assert rc == 2 and "'-1': give a whole number of MiB >= 0" in err

@@ -300,3 +300,36 @@ def test_cli_data_check(small_sgseg, tmp_path):
     assert bad.returncode == 1 and 'layout: sgseg' in bad.stdout and 'missing mask: images/valid/masks/' in bad.stdout
     none = subprocess.run(['reclmis', 'data', 'check', str(tmp_path/'nothing')], capture_output=True, text=True)
     assert none.returncode != 0 and 'sgseg' in none.stderr
+
+
+def bits(t): return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize('size,release', [(128, False), (224, False), (128, True), (224, True)])
+def test_cache_is_exact_on_real_data(qata_root, size, release):
+    "Real QaTa items from the cache are the decoded-and-resized items bit for bit: our bilinear (float) and the release's cv2 (uint8)"
+    from reclmis_nb.release import release_resize_pair
+    from reclmis_nb.data import resize_pair
+    samples = read_dataset(qata_root).splits['train'][::300]   # 6 images, covid_ and sub-s files
+    kw = dict(size=size, resize=release_resize_pair if release else resize_pair)
+    cached, plain = LangSegDataset(samples, **kw), LangSegDataset(samples, cache_bytes=0, **kw)
+    first = [cached[i] for i in range(len(samples))]
+    assert len(cached.cache) == len(samples) and not plain.cache
+    for i in range(len(samples)):
+        for a, b, c in zip(cached[i][::2], plain[i][::2], first[i][::2]):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+            assert torch.equal(bits(a), bits(b)) and torch.equal(bits(a), bits(c))
+    stored = {p[0].dtype for item in cached.cache.values() for p in item}
+    # the 224 px grey files: at their own size, or resized on bytes as the release does, values are k/255
+    assert stored == ({torch.uint8} if release or size == 224 else {torch.float32, torch.uint8})
+    assert cached.cached_bytes == cached.cache_estimate()   # every file is a 224x224 grey PNG: sample 0 speaks for all
+
+
+def test_cache_respects_its_budget(synth):
+    "Items are cached until the budget is spent, then decoded every time, with the same values"
+    samples = read_dataset(synth).splits['train']
+    per_item = LangSegDataset(samples[:1], size=48).cache_estimate()
+    ds = LangSegDataset(samples, size=48, cache_bytes=3 * per_item)
+    items = [ds[i] for i in range(len(samples))]
+    assert sorted(ds.cache) == [0, 1, 2] and ds.cached_bytes == 3 * per_item
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(items, (ds[i] for i in range(len(samples)))))

@@ -89,3 +89,13 @@ def test_train_without_text(synth, tmp_path, monkeypatch):
 def test_bad_recipe_fields(field, value, match, synth, tmp_path):
     with pytest.raises(ValueError, match=match): train(synth, 'tiny', out=tmp_path/'run', progress=False, **{field: value})
     assert not (tmp_path/'run').exists()
+
+def test_cache_changes_no_number(synth, tmp_path):
+    "Training with the item cache gives the weights and history of training without it, bit for bit"
+    runs = {c: train(synth, 'tiny', epochs=2, out=tmp_path/f'cache{c}', device='cpu', progress=False, cache_bytes=c)
+            for c in (0, learner.CACHE_BYTES)}
+    a, b = (torch.load(r/'last.pth', weights_only=True) for r in runs.values())
+    assert a['model'].keys() == b['model'].keys()
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
+    assert drop(a['history']) == drop(b['history'])
