@@ -9,7 +9,8 @@ RELEASE_DIR is the folder that holds `release_cpu.py`, `reclmis-release/` (the r
 own code does it, on the same images, masks and CLIP token ids:
 
 - training step, batch 2: forward, losses, backward, Adam step. Ours: `model.total_loss(model(images, E_clip,
-  mask), masks)` with the frozen text features computed once (the learner caches them per caption); the release:
+  mask), masks)` with the frozen text features computed once (the learner caches them per caption) and the
+  learner's optimizer (`learner.torch_adam`); the release, with `torch.optim.Adam` as its `train_model.py`:
   `model(images, masks, tokens, token_mask)` (CLIP inside, its auxiliary branch on), `WeightedDiceBCE(0.5, 0.5)` and
   the weighted sum of its config's `loss_weight`, as its `Train_one_epoch.py` does;
 - inference, batch 1, under `torch.no_grad()`: ours `model(image, text_encoder(ids, mask), mask)` in eval mode, the
@@ -18,7 +19,9 @@ own code does it, on the same images, masks and CLIP token ids:
 Each round times both codes (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
 in odd rounds and the release first in even ones, so a change of load on the machine falls on both. The table
 gives each round's medians and the ratio ours / release per round; the load average before and after is printed
-with them, as a ratio holds only for a machine that was equally busy for both.
+with them, as a ratio holds only for a machine that was equally busy for both. The CPU time of the process
+(`time.process_time`, both threads) is given too: on a machine shared with other work it moves less than the
+wall time (run with OMP_WAIT_POLICY=PASSIVE, so that waiting threads sleep instead of spinning).
 
 The release needs packages the library does not (opencv, timm, einops, ml_collections, absl); they go into a
 venv of their own that sees the project's venv, so that one python imports both (commands used here, with the
@@ -115,11 +118,12 @@ def inputs(te, B, seed):
 def build(a, folder):
     "Both models and their four timed calls: {'ours'|'release': {'train': fn, 'infer': fn}}"
     import numpy as np, torch
-    from reclmis_nb.model import RecLMIS, get_preset
-    try: rc = load_release_cpu(folder)
+    try: rc = load_release_cpu(folder)  # first: a missing package is said before the library's imports
     except ModuleNotFoundError as e:
         fail(3, f'the release needs the package {e.name!r}, which {sys.executable} lacks: make the venv the docstring '
                 'of tools/vs_release.py describes and run the script with its python')
+    from reclmis_nb.model import RecLMIS, get_preset
+    from reclmis_nb.learner import torch_adam
     torch.manual_seed(0); np.random.seed(0)
     ours = RecLMIS(get_preset(a.config, text_pretrained=False), verbose=False)
     te = ours.text_encoder
@@ -131,7 +135,7 @@ def build(a, folder):
     images, masks, ids, am = inputs(te, 2, 1)
     image1, _, ids1, am1 = inputs(te, 1, 2)
     with torch.no_grad(): feats = te(ids, am)
-    opt_o = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=3e-4)
+    opt_o = torch_adam([p for p in ours.parameters() if p.requires_grad], lr=3e-4)  # the learner's optimizer
     opt_r = torch.optim.Adam([p for p in rel.parameters() if p.requires_grad], lr=3e-4)
     tok, tmask, tok1, tmask1 = ids.int(), am.int(), ids1.int(), am1.int()
 
@@ -156,10 +160,12 @@ def build(a, folder):
 
 
 def median_seconds(fn, reps):
-    ts = []
+    "(median wall seconds, median CPU seconds of this process) of `reps` calls"
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        t, c = time.perf_counter(), time.process_time(); fn()
+        ts.append(time.perf_counter() - t); cs.append(time.process_time() - c)
+    return statistics.median(ts), statistics.median(cs)
 
 
 def profile(calls, n):
@@ -187,15 +193,16 @@ def run(a):
             order = ('ours', 'release') if r % 2 == 0 else ('release', 'ours')
             t = {}
             for kind in ('train', 'infer'):
-                for who in order: t[f'{who}_{kind}_s'] = median_seconds(calls[who][kind], a.reps)
-            t['train_ratio'] = t['ours_train_s'] / t['release_train_s']
-            t['infer_ratio'] = t['ours_infer_s'] / t['release_infer_s']
+                for who in order: t[f'{who}_{kind}_s'], t[f'{who}_{kind}_cpu_s'] = median_seconds(calls[who][kind], a.reps)
+            for kind in ('train', 'infer'):
+                t[f'{kind}_ratio'] = t[f'ours_{kind}_s'] / t[f'release_{kind}_s']
+                t[f'{kind}_cpu_ratio'] = t[f'ours_{kind}_cpu_s'] / t[f'release_{kind}_cpu_s']
             rounds.append(t)
         load_after = os.getloadavg()
         profiles = profile(calls, a.profile) if a.profile > 0 else {}
     return dict(config=a.config, threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, reps=a.reps,
                 train_batch=2, infer_batch=1, image_size=224,
-                train_ratio_max=max(t['train_ratio'] for t in rounds), infer_ratio_max=max(t['infer_ratio'] for t in rounds),
+                **{f'{k}_max': max(t[k] for t in rounds) for k in ('train_ratio', 'infer_ratio', 'train_cpu_ratio', 'infer_cpu_ratio')},
                 loadavg_before=load_before, loadavg_after=load_after, profiles=profiles)
 
 
@@ -209,6 +216,8 @@ def table(res):
              f"| | ours | release | ours / release |", '|---|---|---|---|',
              f"| training step, batch 2, 224x224 | {f('ours_train_s')} | {f('release_train_s')} | {g('train_ratio')} |",
              f"| inference, batch 1 | {f('ours_infer_s')} | {f('release_infer_s')} | {g('infer_ratio')} |",
+             f"| training step, CPU time | {f('ours_train_cpu_s')} | {f('release_train_cpu_s')} | {g('train_cpu_ratio')} |",
+             f"| inference, CPU time | {f('ours_infer_cpu_s')} | {f('release_infer_cpu_s')} | {g('infer_cpu_ratio')} |",
              f"load average (1, 5, 15 min) before {la(res['loadavg_before'])}, after {la(res['loadavg_after'])}"]
     for k, v in res['profiles'].items(): lines += ['', f'top operators by self CPU time: {k}', v]
     return '\n'.join(lines)
