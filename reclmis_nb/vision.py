@@ -56,9 +56,8 @@ class PLAM(nn.Module):
 
     def scores(self, x):
         "s (B,1,H,W): the per-pixel scale"
-        both = nn.functional.conv2d(x, torch.cat([self.conv_avg.weight, self.conv_max.weight])).relu()
-        a, m = both.chunk(2, dim=1)
-        a, m = a.mean(1, keepdim=True), m.amax(1, keepdim=True)
+        a = self.conv_avg(x).relu().mean(1, keepdim=True)
+        m = self.conv_max(x).relu().amax(1, keepdim=True)
         return self.mlp(torch.cat([a, m, a + m], dim=1))
 
     def forward(self, x): return self.scores(x) * x
