@@ -187,6 +187,7 @@ class RecLMIS(LanguageGuidedModel):
         if text.ndim != 3 or text.shape[-1] != self.cfg.dim or text.shape[:2] != text_mask.shape or len(text) != len(image):
             raise ValueError(f'RecLMIS: text features {tuple(text.shape)} and mask {tuple(text_mask.shape)} do not fit '
                              f'{len(image)} images and dim={self.cfg.dim}: pass text_encoder.encode(sentences)')
+        if not self.training: image = image.contiguous(memory_format=torch.channels_last)  # NHWC maps: faster convolutions
         x1, f1, f2, f3, f4 = self.encoder(image)
         E = self.adapter(text)
         inter = self.interaction(f4, E, text_mask)
@@ -333,7 +334,8 @@ def profile_model(preset:str|RecLMISConfig='qata', # preset name or configuratio
                unused_released=unused,
                totals=totals, macs=macs, threads=torch.get_num_threads())
     if time:
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+        from reclmis_nb.learner import torch_adam  # the learner's optimizer (it imports this module)
+        opt = torch_adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
         images, masks = torch.rand(train_batch, 3, S, S), (torch.rand(train_batch, 1, S, S) > 0.5).float()
         bfeats, bam = feats.expand(train_batch, -1, -1), am.expand(train_batch, -1)
         def step():
@@ -402,7 +404,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
                 sentence:str='Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.',
                ):
     "Training and inference images/s at batch `bs`, their MACs/s and ratios to the device's matmul rate, peak memory"
-    from reclmis_nb.learner import pick_device, _autocast  # the learner's device and precision (it imports this module)
+    from reclmis_nb.learner import pick_device, _autocast, torch_adam  # the learner's device, precision, optimizer (it imports this module)
     for k, v in dict(bs=bs, reps=reps, warmup=warmup, matmul_n=matmul_n).items():
         if v < 1: raise ValueError(f'bench_model: {k}={v} must be at least 1' + (' (the first step is counted, not timed)' if k == 'warmup' else ''))
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -416,7 +418,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     images = torch.rand(bs, 3, S, S, generator=g).to(device, memory_format=layout)
     masks = (torch.rand(bs, 1, S, S, generator=g) > 0.5).float().to(device)
     feats, am = feats.expand(bs, -1, -1).to(device), am.expand(bs, -1).to(device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    opt = torch_adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     def train_step(m):
         opt.zero_grad()
         with _autocast(device): loss = model.total_loss(m(images, feats, am), masks)
