@@ -599,8 +599,8 @@ def item_seconds(ds,             # a `LangSegDataset`
         t6 = tick()
         if encode and feats.encoder is not None:   # the encoder's forward itself (`encode` would find its own cache)
             with torch.no_grad(): feats.encoder(*feats.encoder.tokenize([caption]))
-        for k, a, b in (('decode', t0, t1), ('resize', t1, t2), ('cached read', t3, t4), ('augment', t4, t5),
-                        ('text lookup', t5, t6), ('text encode', t6, tick())): secs[k] += b - a
+        stages = [('decode', t0, t1), ('resize', t1, t2), ('cached read', t3, t4), ('augment', t4, t5), ('text lookup', t5, t6)]
+        for k, a, b in stages + ([('text encode', t6, tick())] if encode else []): secs[k] += b - a
     return secs
 
 # %% ../nbs/08_learner.ipynb #133daff1
