@@ -60,18 +60,19 @@ def model_image(model, # a RecLMIS
 @dataclass
 class Tokens:
     "A sentence as the text encoder sees it, and the word each token belongs to"
-    sentence: str # the sentence as given
+    sentence: str # the sentence as the encoder reads it (`TextEncoder.reads`: canonical or as given)
     ids: torch.Tensor # (1, T) token ids
     mask: torch.Tensor # (1, T) 1 for real tokens, 0 for padding
-    words: list # W words as written in the sentence (those that fit in T tokens)
+    words: list # W words of `sentence` (those that fit in T tokens)
     pieces: list # W lists of token positions, one list per word
 
 def tokenize_words(encoder, # a TextEncoder
                    sentence:str, # the sentence
                   ):
-    "Token ids, mask, and the words with the positions of their pieces"
+    "Token ids, mask, and the words with the positions of their pieces, of the sentence as the encoder reads it"
     if not isinstance(sentence, str) or not sentence.strip():
         raise ValueError(f'the sentence is empty ({sentence!r}): describe the region to segment')
+    sentence = encoder.reads(sentence) if hasattr(encoder, 'reads') else sentence  # the words the ids come from
     ids, mask = encoder.tokenize([sentence])
     enc = encoder.tokenizer([sentence], truncation=True, max_length=encoder.max_tokens)
     if not enc.encodings: raise TypeError(f'{type(encoder.tokenizer).__name__} is not a fast tokenizer: it cannot map tokens to words')
@@ -513,7 +514,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     al = alignment(model, img, text)
     wa = word_attributions(model, img, text, region=region, n_steps=n_steps)
     cfs = counterfactuals(model, img, text)
-    summary = dict(checkpoint=str(checkpoint), image=str(image), sentence=text, preset=info['preset'],
+    summary = dict(checkpoint=str(checkpoint), image=str(image), sentence=text, read_as=al['tokens'].sentence, preset=info['preset'],
                    words=wa['words'], scores=[float(v) for v in wa['scores']], W_woi=[float(v) for v in al['woi']],
                    target=wa['target'], baseline_target=wa['baseline_target'], convergence_delta=wa['delta'],
                    n_steps=n_steps, region=wa['region'], foreground=float((al['probs'] > 0.5).mean()),

@@ -27,6 +27,7 @@ from fastai.basics import Learner, DataLoaders, Callback, Metric, ValueMetric, O
 from fastai.basics import CancelFitException, CancelEpochException
 from fastai.data.load import DataLoader
 from fastai.callback.tracker import TrackerCallback
+from fastai.callback.training import GradientClip
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
 
@@ -53,6 +54,8 @@ class Recipe:
     lr_min: float = 1e-4            # cosine: floor
     gamma: float = 0.99             # decay: lr x max(gamma^epoch, floor)
     floor: float = 0.1              # decay: smallest multiple of `lr`
+    warmup: float = 0               # epochs of linear per-batch warm-up from 0 to the schedule's rate (0: none)
+    clip: float = 0                 # largest gradient norm, fastai's `GradientClip` (0: no clipping)
     patience: int = 0               # stop after this many epochs without a better validation Dice (0: never)
     seed: int = 3407                # random seed of the run
     augment: str|None = 'consistent'  # train augmentation of `LangSegDataset`
@@ -127,10 +130,14 @@ def lr_at(recipe, # a `Recipe`
     raise ValueError(f"unknown schedule {recipe.schedule!r}: choose 'cosine', 'decay' or 'constant'")
 
 class EpochLR(Callback):
-    "Set the learning rate from `lr_at` at the start of every epoch"
+    "Set the learning rate from `lr_at` at the start of every epoch; during `recipe.warmup` epochs, scale it up batch by batch"
     order = 5
     def __init__(self, recipe): self.recipe = recipe
     def before_epoch(self): self.opt.set_hypers(lr=lr_at(self.recipe, self.epoch))
+    def before_batch(self):
+        if not self.training or self.epoch >= self.recipe.warmup: return
+        done = (self.epoch * self.n_iter + self.iter + 1) / (self.recipe.warmup * self.n_iter)
+        self.opt.set_hypers(lr=lr_at(self.recipe, self.epoch) * min(1., done))
 
 # %% ../nbs/08_learner.ipynb #858f1dc5
 def torch_adam(params, lr=3e-4):
@@ -311,8 +318,9 @@ def recl_learner(model,        # a `RecLMIS` (or any model returning the same di
                  cbs=()):      # more callbacks
     "A `RecLMISLearner` with torch Adam, the RecLMIS objective, the per-epoch schedule and Dice/IoU metrics"
     obj = RecLMISObjective(weights or model.cfg.loss_weights)
+    clip = [GradientClip(recipe.clip)] if recipe.clip else []
     learn = RecLMISLearner(dls, model, loss_func=seg_loss, opt_func=torch_adam, lr=recipe.lr,
-                           cbs=[obj, EpochLR(recipe), *cbs], metrics=seg_metrics() + obj.metrics())
+                           cbs=[obj, EpochLR(recipe), *clip, *cbs], metrics=seg_metrics() + obj.metrics())
     if dls.device.type == 'cuda': learn.to_channelslast(amp_mode='bf16')
     return learn
 

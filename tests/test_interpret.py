@@ -31,7 +31,9 @@ def test_explain_writes_four_files(run, image_file, tmp_path):
     for k in ('attention', 'words_png', 'counterfactual'):
         with Image.open(paths[k]) as im: assert im.size[0] > 100 and im.size[1] > 100
     res = json.loads(paths['words_json'].read_text())
-    assert res['words'] == ['Unilateral', 'pulmonary', 'infection', ',', 'one', 'infected', 'area', ',', 'upper', 'left', 'lung', '.']
+    # the tiny preset reads canonically (`canonical_text`): the words are those of the sentence it read
+    assert res['read_as'] == 'unilateral pulmonary infection, one infected area, upper left lung.'
+    assert res['words'] == ['unilateral', 'pulmonary', 'infection', ',', 'one', 'infected', 'area', ',', 'upper', 'left', 'lung', '.']
     assert len(res['scores']) == len(res['W_woi']) == len(res['words'])
     assert abs(sum(res['scores']) - (res['target'] - res['baseline_target']) - res['convergence_delta']) < 1e-3
     assert res['counterfactuals']['left <-> right']['sentence'] == swap_left_right(sentence)
@@ -63,7 +65,20 @@ def test_attributions_leave_the_encoder_frozen(run, image_file):
     assert all(not p.requires_grad and p.grad is None for p in te.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert ia['region'] == 'box (0.5, 0.5, 1, 1)' and ia['region_mask'].mean() == 0.25
-    assert np.isfinite(wa['scores']).all() and len(wa['scores']) == 3
+    assert wa['words'] == 'unilateral pulmonary infection , one infected area , lower right lung .'.split()  # as read
+    assert np.isfinite(wa['scores']).all() and len(wa['scores']) == len(wa['words'])
+
+def test_words_are_those_the_model_read(run, image_file, tmp_path):
+    "Canonical reading relabels the words (ids and words from one sentence); as written keeps the typed words"
+    typed = 'Unilateral pulmonary infection, one infected area, all LEFT lng'
+    model, _ = load_checkpoint(run)
+    tok = tokenize_words(model.text_encoder, typed)
+    assert tok.sentence == 'unilateral pulmonary infection, three infected areas, upper middle lower left lung.'
+    assert torch.equal(tok.ids, model.text_encoder.tokenize([tok.sentence])[0])
+    assert tok.words[-6:] == ['upper', 'middle', 'lower', 'left', 'lung', '.']
+    paths = explain(run/'best.pth', image_file, typed, out=tmp_path/'out', n_steps=2, canonical=False)
+    res = json.loads(paths['words_json'].read_text())
+    assert res['read_as'] == typed and res['words'][-3:] == ['all', 'LEFT', 'lng']
 
 def test_region_changes_the_target(run):
     model, _ = load_checkpoint(run)
