@@ -7,14 +7,16 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/baselines.html.md"""
 # %% auto #0
 __all__ = ['BASELINE_PRESETS', 'BaselineConfig', 'baseline_preset', 'SegmentationModel', 'PlainUpBlock', 'PlainUNetDecoder',
            'UNet', 'SelfAttention', 'ViTBlock', 'PatchEmbedding', 'TokenConv', 'Reconstruct', 'LViTBranch', 'LViT',
-           'lvit_unused_released', 'baseline_config', 'build_model']
+           'lvit_unused_released', 'baseline_config', 'model_config', 'config_from_dict', 'model_from_config',
+           'build_model']
 
 # %% ../nbs/08_baselines.ipynb #fc927d85
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace, asdict
 import torch, torch.nn as nn, torch.nn.functional as F
-from .vision import CBR, UNetEncoder, UNetDecoder
+from .vision import UNetEncoder, UNetDecoder, UpBlock
 from .text import TextEncoder
-from .model import LanguageGuidedModel
+from .guided import LanguageGuidedModel
+from .model import RecLMIS, RecLMISConfig, get_preset
 from .metrics import seg_loss
 
 # %% ../nbs/08_baselines.ipynb #6c90cdd1
@@ -85,29 +87,19 @@ class SegmentationModel(LanguageGuidedModel):
 
 
 # %% ../nbs/08_baselines.ipynb #46fc0c63
-class PlainUpBlock(nn.Module):
+class PlainUpBlock(UpBlock):
     "U-Net up block without attention: 2x2 transposed conv (stride 2), concat [skip, up], two CBRs"
     def __init__(self,
                  in_ch:int, # channels of the deeper map
                  skip_ch:int, # channels of the skip map
                  out_ch:int, # output channels
                 ):
-        super().__init__()
-        self.up = nn.ConvTranspose2d(in_ch, in_ch, 2, stride=2)
-        self.convs = nn.Sequential(CBR(skip_ch + in_ch, out_ch), CBR(out_ch, out_ch))
+        super().__init__(in_ch, skip_ch, out_ch, up='transposed', plam=False)
 
-    def forward(self, x, skip): return self.convs(torch.cat([skip, self.up(x)], dim=1))
-
-class PlainUNetDecoder(nn.Module):
-    "`UNetDecoder`'s wiring with `PlainUpBlock`s: up4..up1 from the bottleneck to (B, widths[0], H, W)"
+class PlainUNetDecoder(UNetDecoder):
+    "`UNetDecoder` with plain up blocks (transposed conv, no PLAM): up4..up1 from the bottleneck to (B, widths[0], H, W)"
     def __init__(self, widths=(64, 128, 256, 512, 512)): # the encoder's widths
-        super().__init__()
-        w = tuple(widths)
-        if len(w) != 5: raise ValueError(f'PlainUNetDecoder: widths must have 5 entries (x1, f1..f4), got {widths}')
-        self.up4, self.up3 = PlainUpBlock(w[4], w[3], w[2]), PlainUpBlock(w[2], w[2], w[1])
-        self.up2, self.up1 = PlainUpBlock(w[1], w[1], w[0]), PlainUpBlock(w[0], w[0], w[0])
-
-    forward = UNetDecoder.forward
+        super().__init__(widths, up='transposed', plam=False)
 
 class UNet(SegmentationModel):
     "Image-only U-Net (LViT's baseline): encoder, plain decoder, 1x1 head; ignores the text"
@@ -287,14 +279,36 @@ def baseline_config(model:str, # 'unet' or 'lvit'
         raise ValueError(f"unknown preset {preset!r} for {model}: choose 'paper' (or 'qata', 'mosmed') or 'small'")
     return baseline_preset(model if size == 'paper' else f'{model}-small', **overrides)
 
+# %% ../nbs/08_baselines.ipynb #baf6db21
+def model_config(model:str, # 'unet', 'lvit' or 'reclmis'
+                 preset:str|None=None, # baselines: 'paper' (default; 'qata', 'mosmed' mean the same) or 'small'; RecLMIS: its presets (default 'qata')
+                 **overrides): # configuration fields to change (`text_encoder` is the encoder's name; ignored by the U-Net with max_tokens, dim)
+    "The configuration (`RecLMISConfig` or `BaselineConfig`) of a U-Net, LViT-T or RecLMIS from a name and a preset"
+    if model == 'reclmis': return get_preset(preset or 'qata', **overrides)
+    if model not in ('unet', 'lvit'): raise ValueError(f"unknown model {model!r}: choose 'unet', 'lvit' or 'reclmis'")
+    if model == 'unet': overrides = {k: v for k, v in overrides.items() if k not in ('text_encoder', 'max_tokens', 'dim')}
+    return baseline_config(model, preset, **overrides)
+
+# %% ../nbs/08_baselines.ipynb #5473e535
+def config_from_dict(model:str, # 'reclmis', 'unet' or 'lvit'
+                     d:dict): # `asdict` of its configuration, as a checkpoint stores it
+    "The configuration object of `model` from its dict"
+    if model not in ('reclmis', 'unet', 'lvit'): raise ValueError(f"unknown model {model!r}: choose 'unet', 'lvit' or 'reclmis'")
+    return (RecLMISConfig if model == 'reclmis' else BaselineConfig)(**d)
+
+# %% ../nbs/08_baselines.ipynb #70999e06
+def model_from_config(cfg:RecLMISConfig|BaselineConfig, # from `model_config` or `config_from_dict`
+                      text_encoder:nn.Module|None=None, # a built frozen TextEncoder to reuse (LViT, RecLMIS); built from cfg when None
+                      verbose:bool=False, # RecLMIS: print its summary
+                     ):
+    "RecLMIS for a `RecLMISConfig`; the U-Net or LViT-T that `cfg.arch` names for a `BaselineConfig`"
+    if isinstance(cfg, RecLMISConfig): return RecLMIS(cfg, text_encoder=text_encoder, verbose=verbose)
+    return UNet(cfg) if cfg.arch == 'unet' else LViT(cfg, text_encoder)
+
+# %% ../nbs/08_baselines.ipynb #bd446928
 def build_model(model:str, # 'unet', 'lvit' or 'reclmis'
-                preset:str|None=None, # baselines: 'paper' (default; 'qata', 'mosmed' mean the same) or 'small'; RecLMIS: its presets
+                preset:str|None=None, # see `model_config`
                 reuse_text_encoder:nn.Module|None=None, # a built frozen TextEncoder to reuse (LViT, RecLMIS)
                 **overrides): # configuration fields to change (`text_encoder` is the encoder's name)
-    "A U-Net, LViT-T or RecLMIS from a name and a preset"
-    if model == 'reclmis':
-        from reclmis_nb.model import RecLMIS, get_preset
-        return RecLMIS(get_preset(preset or 'qata', **overrides), text_encoder=reuse_text_encoder, verbose=False)
-    if model not in ('unet', 'lvit'): raise ValueError(f"unknown model {model!r}: choose 'unet', 'lvit' or 'reclmis'")
-    cfg = baseline_config(model, preset, **overrides)
-    return UNet(cfg) if model == 'unet' else LViT(cfg, reuse_text_encoder)
+    "A U-Net, LViT-T or RecLMIS from a name and a preset: `model_from_config(model_config(...))`"
+    return model_from_config(model_config(model, preset, **overrides), reuse_text_encoder)

@@ -81,11 +81,11 @@ def cmd_train(args):
         if over['arch'] != 'reclmis':
             raise UsageError(f'--loss-weight changes RecLMIS loss terms; {over["arch"]} has only the segmentation loss' if args.loss_weight
                              else f"--as-released changes RecLMIS's interaction; {over['arch']} has no such switches")
-        from reclmis_nb.learner import get_recipe, model_config
+        from reclmis_nb.learner import get_recipe, recipe_config
         from reclmis_nb.model import RELEASE_SWITCHES
         recipe = get_recipe(args.preset or 'small')
         over['model_overrides'] = dict(recipe.model_overrides)
-        if args.loss_weight: over['model_overrides']['loss_weights'] = model_config(recipe).loss_weights | dict(args.loss_weight)
+        if args.loss_weight: over['model_overrides']['loss_weights'] = recipe_config(recipe).loss_weights | dict(args.loss_weight)
         if args.as_released: over['model_overrides'] |= RELEASE_SWITCHES
     run = train(args.data, args.preset, epochs=args.epochs, out=args.out, resume=args.resume, device=args.device,
                 stop_after=args.stop_after, progress=not args.quiet, check=not args.no_check,
@@ -165,10 +165,10 @@ def cmd_profile(args):
 # %% ../nbs/90_cli.ipynb #5f42f823
 def cmd_bench(args):
     "Training and inference images/s of a preset on this machine, against its own matmul rate (JSON with --json)"
-    from reclmis_nb.learner import get_recipe, model_config, pick_device
+    from reclmis_nb.learner import get_recipe, recipe_config, pick_device
     from reclmis_nb.profile import bench_model, format_bench
     recipe = get_recipe(args.preset)
-    res = bench_model(model_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
+    res = bench_model(recipe_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
                       warmup=args.warmup, matmul_n=args.matmul_n, compile=args.compile)
     print(json.dumps(res) if args.json else format_bench(res))
     return 0

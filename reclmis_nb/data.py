@@ -374,6 +374,7 @@ def detect_layout(root # dataset folder
     if _child(root, 'prompt') and (_child(root, 'Train') or _child(root, 'Test')): return 'guidedecoder'
     raise DatasetError(f'{root} matches no known dataset layout; expected one of: {expected}')
 
+# %% ../nbs/01_data.ipynb #3fc715d9
 def _read_lvit(root, layout, problems):
     prefix, out, stores = ('mask_' if layout == 'lvit-qata' else ''), {}, []
     train_val = None
@@ -392,6 +393,7 @@ def _read_lvit(root, layout, problems):
                                  texts, prefix, problems)
     return out, stores
 
+# %% ../nbs/01_data.ipynb #6bd7a79f
 def _read_sgseg(root, problems):
     ann = read_annotation_json(_child(root/'prompts', 'annotation.json'), root, problems)
     images, out = _child(root, 'images'), {}
@@ -404,6 +406,7 @@ def _read_sgseg(root, problems):
                                  [texts], 'mask_', problems)
     return out, list(ann.values())
 
+# %% ../nbs/01_data.ipynb #ef83f2a7
 def _read_guidedecoder(root, problems):
     prompt, out, stores = _child(root, 'prompt'), {}, []
     val_csv = next((p for n in ('val', 'valid', 'validation') if (p := _text_file(prompt, n))), None)
@@ -427,6 +430,7 @@ def _read_guidedecoder(root, problems):
         out[split] = (samples, folded)
     return out, stores
 
+# %% ../nbs/01_data.ipynb #8447a0c3
 def read_dataset(root # dataset folder in any of `LAYOUTS`
                 ):
     "Detect the layout of `root` and list its complete samples per split (reads only; never writes)"
@@ -538,6 +542,7 @@ def _rand(g, lo=0., hi=1.):
     "A uniform number in [lo, hi) from torch generator `g` (None: the global one)"
     return lo + (hi - lo) * torch.rand((), generator=g).item()
 
+# %% ../nbs/01_data.ipynb #745075c5
 def swap_left_right(caption # a sentence
                    ):
     "The sentence with the whole words 'left' and 'right' exchanged, capitalisation kept"
@@ -547,10 +552,12 @@ def swap_left_right(caption # a sentence
         return new.upper() if w.isupper() else new.capitalize() if w[0].isupper() else new
     return re.sub(r'\b(?:left|right)\b', swap, caption, flags=re.IGNORECASE)
 
+# %% ../nbs/01_data.ipynb #d74c8967
 def hflip(image, mask, caption):
     "Horizontal flip of image and mask, with left and right swapped in the caption so that it stays true"
     return image.flip(-1), mask.flip(-1), swap_left_right(caption)
 
+# %% ../nbs/01_data.ipynb #69b99a7c
 def rotate(image, # (C,S,S) square image
            mask, # (1,S,S)
            degrees # angle, counter-clockwise as displayed (90 = `rot90(1)`)
@@ -562,6 +569,7 @@ def rotate(image, # (C,S,S) square image
     turn = lambda t, mode: F.grid_sample(t[None], grid, mode=mode, padding_mode='zeros', align_corners=False)[0]
     return turn(image, 'bilinear'), turn(mask, 'nearest')
 
+# %% ../nbs/01_data.ipynb #d6a35b55
 def gaussian_blur(image, # (C,H,W)
                   sigma # standard deviation in pixels
                  ):
@@ -573,11 +581,13 @@ def gaussian_blur(image, # (C,H,W)
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)[0]
 
+# %% ../nbs/01_data.ipynb #7c5f9418
 def adjust_saturation(image, factor):
     "Blend an RGB image with its luma: 0 = gray, 1 = unchanged"
     gray = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
     return (gray + factor * (image - gray)).clamp(0, 1)
 
+# %% ../nbs/01_data.ipynb #e9c2d759
 def rotate_hue(image, degrees):
     "Rotate the hue of an RGB image about the gray axis (YIQ chroma rotation); gray pixels are unchanged"
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=image.dtype)
@@ -586,6 +596,7 @@ def rotate_hue(image, degrees):
     m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
     return torch.einsum('ij,jhw->ihw', m, image).clamp(0, 1)
 
+# %% ../nbs/01_data.ipynb #b4865a6c
 def photometric(image, g=None):
     "Released photometric distortion, each step p 0.5: brightness +-32/255, contrast and saturation x[0.5,1.5], hue +-18 deg"
     colour = not (torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]))
@@ -597,6 +608,7 @@ def photometric(image, g=None):
     if do and colour: image = rotate_hue(image, h)
     return image
 
+# %% ../nbs/01_data.ipynb #2ab77bfa
 def released_augment(image, mask, caption, g=None):
     "The release's training augmentation; the caption is NOT changed, so left/right/upper/lower can become false"
     if _rand(g) < 0.5:
@@ -608,6 +620,7 @@ def released_augment(image, mask, caption, g=None):
     if _rand(g) < 0.5: image = gaussian_blur(image, _rand(g, 0.5, 1.0))
     return photometric(image, g), mask, caption
 
+# %% ../nbs/01_data.ipynb #4a95cb92
 def consistent_augment(image, mask, caption, g=None):
     "Augmentation after which the caption is still true: h-flip with left/right swapped, rotation +-10 deg, blur, photometric"
     if _rand(g) < 0.5: image, mask, caption = hflip(image, mask, caption)
@@ -755,9 +768,11 @@ SGSEG_COMMIT = '15f47b21c68df5046b8903cf11ff1b4e59b45888'
 SGSEG_URL = f'https://github.com/ShuchangYe-bib/SGSeg/archive/{SGSEG_COMMIT}.zip'
 QATA_COUNTS = {'train': 5716, 'valid': 1429, 'test': 2113}
 
+# %% ../nbs/01_data.ipynb #6d71b2aa
 class DownloadError(OSError):
     "An archive that could not be fetched; the message says how to get it by hand"
 
+# %% ../nbs/01_data.ipynb #9e9f8164
 def _fetch(url, dest, timeout):
     "Local path of the archive `url`: a local path or file:// URL as is, an http(s) URL downloaded to `dest`"
     if '://' not in url: path = Path(url)
@@ -768,6 +783,7 @@ def _fetch(url, dest, timeout):
     if not path.is_file(): raise FileNotFoundError(f'no archive at {path}')
     return path
 
+# %% ../nbs/01_data.ipynb #ea1194a6
 def unpack_folder(archive, # a zip file
                   member, # folder inside it, found at any depth (e.g. 'data/QaTa' under 'SGSeg-<commit>/')
                   dest # folder to write the files of `member` into
@@ -789,6 +805,7 @@ def unpack_folder(archive, # a zip file
     if not n: raise DatasetError(f'{archive} has no folder {member}/: is it an archive of the SGSeg repository?')
     return n
 
+# %% ../nbs/01_data.ipynb #4b224ecc
 def download_qata(dest, # folder to create with the data (absent or empty)
                   url=SGSEG_URL, # archive of the SGSeg repository: https URL, file:// URL or local path
                   member='data/QaTa', # folder of the archive that holds the dataset
@@ -808,6 +825,7 @@ def download_qata(dest, # folder to create with the data (absent or empty)
             if p.is_dir() and not any(p.iterdir()): p.rmdir()
         raise
 
+# %% ../nbs/01_data.ipynb #dcaf49d8
 def _download_verified(dest, url, member, expected, timeout):
     "Fetch, unpack next to `dest`, verify, then move into place"
     with tempfile.TemporaryDirectory(prefix='.qata-download-', dir=dest.parent) as tmp:

@@ -6,13 +6,13 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/learner.html.md"""
 
 # %% auto #0
 __all__ = ['TINY_MODEL', 'TINY_BASELINE', 'RECIPES', 'ARCHS', 'TEXT_ABLATIONS', 'LOSS_TERMS', 'SEG_KEYS', 'DEMO', 'Recipe',
-           'get_recipe', 'model_config', 'config_from_dict', 'model_from_config', 'lr_at', 'EpochLR', 'torch_adam',
-           'CaptionFeatures', 'WithTextFeatures', 'LossTermMissing', 'NonFiniteLoss', 'RecLMISObjective', 'SegScore',
-           'seg_metrics', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner',
-           'atomic_save', 'all_or_nothing', 'trainable_state', 'RunCheckpoint', 'new_run_dir', 'derangement',
-           'ablate_text', 'TrainingInterrupted', 'interrupted_message', 'resume_checkpoint', 'refuse_changes',
-           'format_run', 'load_weights', 'train', 'PhaseTimer', 'item_seconds', 'load_checkpoint', 'score', 'evaluate',
-           'as_image', 'predict_probs', 'to_image_grid', 'predict_image', 'overlay', 'show_predictions', 'demo']
+           'get_recipe', 'recipe_config', 'lr_at', 'EpochLR', 'torch_adam', 'CaptionFeatures', 'WithTextFeatures',
+           'LossTermMissing', 'NonFiniteLoss', 'RecLMISObjective', 'SegScore', 'seg_metrics', 'ResumableProgress',
+           'RecLMISLearner', 'pick_device', 'text_dls', 'recl_learner', 'atomic_save', 'all_or_nothing',
+           'trainable_state', 'RunCheckpoint', 'new_run_dir', 'derangement', 'ablate_text', 'TrainingInterrupted',
+           'interrupted_message', 'resume_checkpoint', 'refuse_changes', 'format_run', 'load_weights', 'train',
+           'PhaseTimer', 'item_seconds', 'load_checkpoint', 'score', 'evaluate', 'as_image', 'predict_probs',
+           'to_image_grid', 'predict_image', 'overlay', 'show_predictions', 'demo']
 
 # %% ../nbs/10_learner.ipynb #c366fe71
 import contextlib, csv, json, math, os, random, shlex, time
@@ -35,7 +35,7 @@ from .data import (read_dataset, require_clean, LangSegDataset, load_image, load
                              rewrite_captions, pack, unpack, CACHE_BYTES)
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
-from .baselines import BaselineConfig, baseline_config, UNet, LViT
+from .baselines import UNet, LViT, model_config, config_from_dict, model_from_config
 from .release import read_checkpoint, checkpoint_kind, load_release, pair_resizer, model_input, CheckpointError
 from .distributed import (setup_distributed, leave_distributed, from_rank0, built_once, sum_over_ranks,
                                     shard_bs, data_parallel, unwrap)
@@ -96,25 +96,11 @@ def get_recipe(name, # a key of `RECIPES`
 ARCHS = ('reclmis', 'unet', 'lvit')
 TEXT_ABLATIONS = ('shuffle', 'empty')
 
-def model_config(recipe):
+# %% ../nbs/10_learner.ipynb #2a724af8
+def recipe_config(recipe): # a `Recipe`
     "The configuration of the model a recipe trains: its RecLMIS preset, or the U-Net / LViT-T of that scale"
-    if recipe.arch == 'reclmis': return get_preset(recipe.model, **recipe.model_overrides)
-    over = recipe.baseline_overrides
-    if recipe.arch == 'unet': over = {k: v for k, v in over.items() if k not in ('text_encoder', 'max_tokens', 'dim')}
-    return baseline_config(recipe.arch, recipe.model, **over)
-
-def config_from_dict(arch, # 'reclmis', 'unet' or 'lvit'
-                     d):   # `asdict` of its configuration, as a checkpoint stores it
-    "The configuration object of model `arch`"
-    if arch not in ARCHS: raise ValueError(f'unknown model {arch!r}: choose one of {", ".join(ARCHS)}')
-    return (RecLMISConfig if arch == 'reclmis' else BaselineConfig)(**d)
-
-def model_from_config(arch,    # 'reclmis', 'unet' or 'lvit'
-                      cfg,     # its `RecLMISConfig` / `BaselineConfig`
-                      verbose=False):
-    "The model `arch` from its configuration"
-    if arch == 'reclmis': return RecLMIS(cfg, verbose=verbose)
-    return {'unet': UNet, 'lvit': LViT}[arch](cfg)
+    return model_config(recipe.arch, recipe.model,
+                        **(recipe.model_overrides if recipe.arch == 'reclmis' else recipe.baseline_overrides))
 
 # %% ../nbs/10_learner.ipynb #5a1f42b4
 def lr_at(recipe, # a `Recipe`
@@ -520,7 +506,7 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     else:
         if root is None: raise ValueError('a dataset folder is needed to start a run')
         recipe = get_recipe(preset or 'small', **overrides, **({} if epochs is None else dict(epochs=epochs)))
-        cfg, root, ck = model_config(recipe), Path(root), None
+        cfg, root, ck = recipe_config(recipe), Path(root), None
     if stop_after is not None and stop_after < 1: raise ValueError(f'stop_after={stop_after}: stop after at least 1 epoch')
     if check: require_clean(root, ('train', 'valid'), 'training')   # seconds, before any folder or batch
     index = read_dataset(root)
@@ -532,7 +518,7 @@ def train(root=None,        # dataset folder (any layout `read_dataset` knows); 
     rank0 = rank_distrib() == 0
     if rank0: print(format_run(recipe, cfg, device, root))
     set_seed(recipe.seed)
-    model = model_from_config(recipe.arch, cfg, verbose=progress and rank0)
+    model = model_from_config(cfg, verbose=progress and rank0)
     S = cfg.image_size
     train_s, valid_s = (ablate_text(index.splits[k], recipe.text_ablation, recipe.seed) for k in ('train', 'valid'))
     captions = _train_captions(train_s, recipe.augment) | {s.caption for s in valid_s}
@@ -622,7 +608,7 @@ def load_checkpoint(path,         # best.pth / last.pth, or a run folder (its be
     if checkpoint_kind(ck, path) == 'release': model, info = load_release(ck, path)  # the authors' file: see 07a_release
     else:
         arch = ck['recipe'].get('arch', 'reclmis')
-        model = load_weights(model_from_config(arch, config_from_dict(arch, ck['config'])), ck['model'])
+        model = load_weights(model_from_config(config_from_dict(arch, ck['config'])), ck['model'])
         info = {k: ck[k] for k in ('preset', 'recipe', 'config', 'data', 'epochs_done', 'best', 'history')}
     if canonical is not None:
         if not hasattr(model.text_encoder, 'reading'):

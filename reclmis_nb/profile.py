@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.overrides import TorchFunctionMode
 from .model import RecLMISConfig, RecLMIS, get_preset, n_params, INFERENCE_PARTS, TRAINING_PARTS
-from .baselines import build_model, lvit_unused_released
+from .baselines import build_model, model_config, model_from_config, lvit_unused_released
 from .learner import pick_device, _autocast, torch_adam
 
 # %% ../nbs/12_profile.ipynb #73ee593a
@@ -94,16 +94,19 @@ class _InferenceWithText(nn.Module):
     def forward(self, image, ids, am):
         return self.model(image, self.model.text_encoder(ids, am), am)['logits']
 
+# %% ../nbs/12_profile.ipynb #65e1bfc3
 def _thop_macs(model, image, ids, am):
     "MACs as `thop` counts them (the papers' 'FLOPs') of text encoder + inference path: module hooks only, nn.MultiheadAttention skipped"
     with torch.no_grad(): return thop_count(_InferenceWithText(model.eval()), image, ids, am)[0]
 
+# %% ../nbs/12_profile.ipynb #95cadcde
 def _unused_released(model:RecLMIS):
     "Parameters the released model registers and never uses: PLAM sigmoid convs, first-stack cross-attention"
     plam_sigmoid = sum(c * c + c for c in model.cfg.widths[:4])
     recon_cross = sum(rec.released_parameter_count() - n_params(rec) for rec in (model.rec_vision, model.rec_language))
     return dict(plam_sigmoid_convs=plam_sigmoid, recon_stack1_cross_attn=recon_cross)
 
+# %% ../nbs/12_profile.ipynb #2e53fd2a
 def profile_model(preset:str|RecLMISConfig='qata', # preset name or configuration
                   time:bool=False, # also time a training step and an inference forward
                   reps:int=3, # timed repetitions (median reported, after one warm-up)
@@ -113,10 +116,10 @@ def profile_model(preset:str|RecLMISConfig='qata', # preset name or configuratio
                   sentence:str='Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.',
                  ):
     "Parameters per part, totals, MACs of the inference path and training forward, optional timings"
-    cfg = preset if isinstance(preset, RecLMISConfig) else get_preset(preset)
+    cfg = preset if isinstance(preset, RecLMISConfig) else model_config('reclmis', preset)
     cfg = replace(cfg, text_pretrained=False)
     torch.manual_seed(0)
-    model = RecLMIS(cfg, text_encoder=text_encoder, verbose=False)
+    model = model_from_config(cfg, text_encoder)
     te = model.text_encoder
     unused = _unused_released(model)
     parts, released = {}, {}
@@ -195,6 +198,7 @@ def matmul_rate(device='cpu',      # where to multiply
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return n ** 3 / _median_seconds(lambda: a @ b, reps, device=device)
 
+# %% ../nbs/12_profile.ipynb #8213776f
 def peak_memory(device):
     "(bytes, what they count): on CUDA the peak of allocated tensors, on a CPU the process's peak resident memory"
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device), 'torch.cuda.max_memory_allocated: tensors on this GPU'
@@ -202,12 +206,14 @@ def peak_memory(device):
     unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, 'ru_maxrss: peak resident memory of the whole process'
 
+# %% ../nbs/12_profile.ipynb #582dccf0
 def device_name(device):
     "The GPU's name, or the CPU's model name where the system says it"
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
     try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
+# %% ../nbs/12_profile.ipynb #31b7f066
 BENCH_KEYS = ('train_images_per_s', 'infer_images_per_s', 'matmul_macs_per_s', 'infer_macs_per_s', 'train_macs_per_s',
               'infer_ratio', 'train_ratio', 'peak_memory_bytes', 'device')
 
@@ -225,9 +231,9 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     for k, v in dict(bs=bs, reps=reps, warmup=warmup, matmul_n=matmul_n).items():
         if v < 1: raise ValueError(f'bench_model: {k}={v} must be at least 1' + (' (the first step is counted, not timed)' if k == 'warmup' else ''))
     device = device if isinstance(device, torch.device) else pick_device(device)
-    cfg = replace(preset if isinstance(preset, RecLMISConfig) else get_preset(preset), text_pretrained=False)
+    cfg = replace(preset if isinstance(preset, RecLMISConfig) else model_config('reclmis', preset), text_pretrained=False)
     torch.manual_seed(0)
-    model = RecLMIS(cfg, text_encoder=text_encoder, verbose=False)
+    model = model_from_config(cfg, text_encoder)
     feats, am = model.text_encoder.encode([sentence])
     layout = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # as `recl_learner` trains
     model.to(device, memory_format=layout)
@@ -265,6 +271,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
                 train_ratio=train_macs / t_train / rate, infer_ratio=infer_macs / t_infer / rate,
                 peak_memory_bytes=mem, peak_memory_kind=mem_kind, reps=reps, warmup=warmup, matmul_n=matmul_n, **res)
 
+# %% ../nbs/12_profile.ipynb #b6c2c1e9
 def format_bench(d:dict): # bench_model's result
     "A readable summary of a benchmark"
     G = 1e9

@@ -64,15 +64,18 @@ class PLAM(nn.Module):
 
 # %% ../nbs/04_vision.ipynb #e2ad3512
 class UpBlock(nn.Module):
-    "Nearest upsample x2, PLAM on the skip, concat [skip, up], two CBRs"
+    "Upsample x2 (nearest, or a 2x2 transposed conv), PLAM on the skip (or none), concat [skip, up], two CBRs"
     def __init__(self,
                  in_ch:int, # channels of the deeper map
                  skip_ch:int, # channels of the skip map
                  out_ch:int, # output channels
+                 up:str='nearest', # 'nearest' upsampling, or 'transposed': a 2x2 transposed conv (stride 2, channels kept)
+                 plam:bool=True, # reweight the skip with PLAM (False: the skip as it is)
                 ):
         super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode='nearest')
-        self.plam = PLAM(skip_ch)
+        if up not in ('nearest', 'transposed'): raise ValueError(f"UpBlock: up={up!r} must be 'nearest' or 'transposed'")
+        self.up = nn.Upsample(scale_factor=2, mode='nearest') if up == 'nearest' else nn.ConvTranspose2d(in_ch, in_ch, 2, stride=2)
+        self.plam = PLAM(skip_ch) if plam else nn.Identity()
         self.convs = nn.Sequential(CBR(skip_ch + in_ch, out_ch), CBR(out_ch, out_ch))
 
     def forward(self, x, skip): return self.convs(torch.cat([self.plam(skip), self.up(x)], dim=1))
@@ -81,14 +84,15 @@ class UNetDecoder(nn.Module):
     "U-Net decoder with PLAM skips: up4..up1 from the bottleneck back to (B, widths[0], H, W)"
     def __init__(self,
                  widths=(64, 128, 256, 512, 512), # the encoder's widths; the bottleneck has widths[4] channels
+                 **block, # `UpBlock` options for all four blocks: `up`, `plam`
                 ):
         super().__init__()
         w = tuple(widths)
-        if len(w) != 5: raise ValueError(f'UNetDecoder: widths must have 5 entries (x1, f1..f4), got {widths}')
-        self.up4 = UpBlock(w[4], w[3], w[2])
-        self.up3 = UpBlock(w[2], w[2], w[1])
-        self.up2 = UpBlock(w[1], w[1], w[0])
-        self.up1 = UpBlock(w[0], w[0], w[0])
+        if len(w) != 5: raise ValueError(f'{type(self).__name__}: widths must have 5 entries (x1, f1..f4), got {widths}')
+        self.up4 = UpBlock(w[4], w[3], w[2], **block)
+        self.up3 = UpBlock(w[2], w[2], w[1], **block)
+        self.up2 = UpBlock(w[1], w[1], w[0], **block)
+        self.up1 = UpBlock(w[0], w[0], w[0], **block)
 
     def forward(self,
                 bottleneck, # (B, widths[4], H/16, W/16)

@@ -3,7 +3,7 @@ import csv, math
 import pytest
 import torch
 
-from reclmis_nb import learner
+from reclmis_nb import learner, baselines
 from reclmis_nb.learner import train, LossTermMissing, NonFiniteLoss, TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
@@ -11,6 +11,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 SYNTH = dict(size=32, seed=1)  # the `synth` fixture of conftest: 2 train batches of 4 per epoch
 
+# `train` builds its model through the one factory, `baselines.model_from_config`: the tampered class replaces RecLMIS there
 def tampered(term, after=0, nan=False):
     "A RecLMIS whose `loss_<term>` is dropped (or made NaN) in every train forward after the first `after`"
     class Tampered(RecLMIS):
@@ -40,7 +41,7 @@ def test_aux_terms_logged(synth, tmp_path):
     assert ck['history'][-1]['train_t2v'] == pytest.approx(float(rows[-1]['train_t2v']))
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(learner, 'RecLMIS', tampered('t2v', after=2, nan=True))  # epoch 0 fine, epoch 1 batch 0 NaN
+    monkeypatch.setattr(baselines, 'RecLMIS', tampered('t2v', after=2, nan=True))  # epoch 0 fine, epoch 1 batch 0 NaN
     with pytest.raises(NonFiniteLoss, match=r'L_t2v=nan\) at epoch 1, train batch 0'):
         train(synth, 'tiny', epochs=3, out=tmp_path/'run', device='cpu', progress=False)
     ck = torch.load(tmp_path/'run'/'last.pth', weights_only=True)
@@ -48,12 +49,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, m
     assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
 
 def test_configured_term_missing_raises(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(learner, 'RecLMIS', tampered('v2t'))
+    monkeypatch.setattr(baselines, 'RecLMIS', tampered('v2t'))
     with pytest.raises(LossTermMissing, match="no 'loss_v2t'"):
         train(synth, 'tiny', epochs=1, out=tmp_path/'run', device='cpu', progress=False)
 
 def test_zero_weight_switches_a_term_off(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(learner, 'RecLMIS', tampered('v2t'))
+    monkeypatch.setattr(baselines, 'RecLMIS', tampered('v2t'))
     weights = dict(seg=5., ccl=0.2, v2t=0., t2v=1.)
     run = train(synth, 'tiny', epochs=1, out=tmp_path/'run', device='cpu', progress=False,
                 model_overrides=dict(TINY_MODEL, loss_weights=weights))
