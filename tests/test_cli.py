@@ -165,3 +165,9 @@ def test_cache_flag(synth, tmp_path, capsys, monkeypatch):
     assert [kw.get('cache_bytes') for kw in seen] == [0, 3 * 2**20, None]
     rc, _, err = cli(capsys, 'train', '--data', synth, '--cache-mb', '-1')
     assert rc == 2 and "'-1': give a whole number of MiB >= 0" in err
+
+@pytest.mark.parametrize('value', ['-1', 'some'])
+def test_precise_bn_refuses_a_bad_count(value, synth, tmp_path, capsys):
+    "One line from argparse, before any folder or batch"
+    rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--precise-bn', value, '--out', tmp_path/'run')
+    assert rc == 2 and f"{value!r}: give a whole number >= 0 (0: off)" in err and not (tmp_path/'run').exists()

@@ -100,3 +100,17 @@ def test_cache_changes_no_number(synth, tmp_path):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
     assert drop(a['history']) == drop(b['history'])
+
+def test_precise_bn_resumes_and_trains_the_same_weights(synth, tmp_path):
+    "`precise_bn` changes the saved statistics and validation, not training; a resumed run ends as an uninterrupted one"
+    kw = dict(device='cpu', progress=False, epochs=3)
+    plain = torch.load(train(synth, 'tiny', out=tmp_path/'plain', **kw)/'last.pth', weights_only=True)
+    whole = torch.load(train(synth, 'tiny', out=tmp_path/'whole', precise_bn=2, **kw)/'last.pth', weights_only=True)
+    train(synth, 'tiny', out=tmp_path/'cut', precise_bn=2, stop_after=2, **kw)
+    cut = torch.load(train(resume=tmp_path/'cut', device='cpu', progress=False)/'last.pth', weights_only=True)
+    stats = lambda k: k.endswith(('running_mean', 'running_var'))
+    assert all(torch.equal(plain['model'][k], whole['model'][k]) for k in plain['model'] if not stats(k) and 'num_batches' not in k)
+    assert any(not torch.equal(plain['model'][k], whole['model'][k]) for k in plain['model'] if stats(k))
+    assert all(torch.equal(whole['model'][k], cut['model'][k]) for k in whole['model'])
+    drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
+    assert drop(whole['history']) == drop(cut['history']) and whole['recipe']['precise_bn'] == 2
