@@ -248,10 +248,15 @@ def seg_metrics(threshold=0.5 # probability above which a pixel is foreground
 
 # %% ../nbs/10_learner.ipynb #7b1e0c02
 class PreciseBN(Callback):
-    "Before each validation: BatchNorm statistics recomputed as the mean over the first `n` train batches with the current weights"
+    "Before each validation: BatchNorm statistics recomputed as the mean over `n` train batches spread evenly over the training set"
     order = 1  # after TrainEvalCallback (-10) has put the model in eval mode
-    def __init__(self, n # train batches to average over
+    def __init__(self, n # batches of the training batch size to average over
                 ): self.n = n
+    def batches(self):
+        "The `n` batches: items spread evenly over the training set, in order, collated as the loader does"
+        ds, bs = self.dls.train.dataset, self.dls.train.bs
+        idx = np.unique(np.linspace(0, len(ds) - 1, min(len(ds), self.n * bs)).round().astype(int)).tolist()
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=bs)
     def before_validate(self):
         bns = [m for m in unwrap(self.model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not bns: return
@@ -261,7 +266,7 @@ class PreciseBN(Callback):
         state, cuda = random.getstate(), [self.dls.device] if self.dls.device.type == 'cuda' else []
         try:  # a loader draws its seed from torch's generator: forked, so the next epoch's draws stay those of a run without it
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), amp:
-                for _, b in zip(range(self.n), self.dls.train.new(shuffle=False)): unwrap(self.model)(*b[:3])
+                for b in self.batches(): unwrap(self.model)(*(t.to(self.dls.device) for t in b[:3]))
         finally:
             random.setstate(state)
             for b, m in zip(bns, moms): b.momentum = m; b.eval()
