@@ -5,7 +5,8 @@
 
 1. as saved: BatchNorm in eval mode with the checkpoint's running averages (what the run's validation measured);
 2. precise: the statistics reset and recomputed as the plain mean over the first `--batches` train batches (16
-   images each, in order) with the checkpoint's weights, every other layer in eval mode (`learner.PreciseBN`);
+   images each, in order) with the checkpoint's weights, every other layer in eval mode (`learner.recompute_bn`,
+   what `learner.PreciseBN` does over items spread across the training set);
 3. per batch: each validation batch of 16 normalised with its own statistics (BatchNorm in train mode).
 If 2 and 3 are far above 1, the weights are fine and the running averages are stale. Also prints the largest
 change of a running mean, in units of its running standard deviation.
@@ -20,7 +21,7 @@ def main(argv=None):
     ap.add_argument('--batches', type=int, default=41); ap.add_argument('--threads', type=int, default=2)
     a = ap.parse_args(argv)
     import torch
-    from reclmis_nb.learner import load_checkpoint, score, CaptionFeatures, WithTextFeatures
+    from reclmis_nb.learner import load_checkpoint, score, CaptionFeatures, WithTextFeatures, recompute_bn
     from reclmis_nb.data import read_dataset, LangSegDataset
     from reclmis_nb.release import model_input
     torch.set_num_threads(a.threads)
@@ -31,13 +32,11 @@ def main(argv=None):
     with torch.no_grad(): saved = score(model, valid)['dice']
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     old = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
-    for b in bns: b.reset_running_stats(); b.momentum = None; b.train()
     train = index.splits['train']
     feats = CaptionFeatures(model.text_encoder, {s.caption for s in train})
     dl = torch.utils.data.DataLoader(WithTextFeatures(LangSegDataset(train, size=model.cfg.image_size), feats), batch_size=16)
-    with torch.no_grad():
-        for _, (img, f, m, mask) in zip(range(a.batches), dl): model(model_input(img, model.cfg), f, m)
-    for b in bns: b.eval()
+    recompute_bn(model, ((model_input(img, model.cfg), f, m) for _, (img, f, m, mask) in zip(range(a.batches), dl)),
+                 torch.device('cpu'))
     with torch.no_grad(): precise = score(model, valid)['dice']
     shift = max(float(((b.running_mean - o[0]).abs() / o[1].sqrt().clamp_min(1e-3)).max()) for b, o in zip(bns, old))
     for b in bns: b.train()
