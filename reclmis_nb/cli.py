@@ -125,7 +125,7 @@ def cmd_predict(args):
     from PIL import Image
     if not args.text.strip(): raise UsageError('the sentence is empty: pass --text "a description of the region"')
     image_path = _exists(args.image, 'image')
-    from reclmis_nb.data import load_image
+    from reclmis_nb.images import load_image
     try: image = load_image(image_path)
     except Exception as e: raise UsageError(f'cannot read image {image_path}: {e}'.splitlines()[0])
     from reclmis_nb.learner import load_checkpoint, predict_probs, to_image_grid, overlay, all_or_nothing
@@ -317,7 +317,7 @@ _show = warnings.showwarning
 
 def _notice(message, category, *args, **kwargs):
     "A library `Notice` as one line `reclmis: notice: ...`; other warnings as Python shows them"
-    from reclmis_nb.data import Notice
+    from reclmis_nb.images import Notice
     if issubclass(category, Notice): print(f'reclmis: notice: {message}', file=sys.stderr)
     else: _show(message, category, *args, **kwargs)
 

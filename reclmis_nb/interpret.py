@@ -24,7 +24,10 @@ from matplotlib.figure import Figure
 from captum.attr import LayerIntegratedGradients, IntegratedGradients, Saliency
 import ipywidgets as widgets
 
-from .data import Notice, load_image, swap_left_right, read_dataset, LangSegDataset
+from .images import Notice, load_image
+from .augment import swap_left_right
+from .data import read_dataset
+from .dataset import LangSegDataset
 from .release import model_input, pair_resizer
 
 # %% ../nbs/11_interpret.ipynb #2ebc20ff

@@ -32,8 +32,12 @@ from fastai.callback.training import GradientClip
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
 
-from .data import (read_dataset, require_clean, LangSegDataset, load_image, load_mask, make_synthetic_dataset, swap_left_right,
-                             rewrite_captions, pack, unpack, CACHE_BYTES)
+from .images import load_image, load_mask
+from .captions import rewrite_captions
+from .synthetic import make_synthetic_dataset
+from .data import read_dataset, require_clean
+from .augment import swap_left_right
+from .dataset import LangSegDataset, pack, unpack, CACHE_BYTES
 from .metrics import seg_loss, SegScoreAccumulator
 from .model import RecLMIS, RecLMISConfig, get_preset
 from .baselines import UNet, LViT, model_config, config_from_dict, model_from_config

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .data import resize_pair, lvit_eof_pad
+from .dataset import resize_pair, lvit_eof_pad
 from .text import TextEncoder
 from .model import RecLMIS, get_preset, twin
 from .reconstruction import conditioned_mask
@@ -219,7 +219,7 @@ def cv2_resize_linear(a, # (H, W, C) uint8 array
 def _to_bytes(x): # (C,H,W) float in [0,1], k/255 values
     return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
-def release_resize(image, # (3,H,W) RGB float in [0,1], as `data.load_image` gives it
+def release_resize(image, # (3,H,W) RGB float in [0,1], as `images.load_image` gives it
                    size:int):
     "The release's resize: cv2 INTER_LINEAR to (3,S,S), /255, no normalisation (channels stay in RGB order)"
     return torch.from_numpy(cv2_resize_linear(_to_bytes(image), size).astype(np.float32) / 255).permute(2, 0, 1).contiguous()

@@ -21,7 +21,8 @@ from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, Bert
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as hf_logging
 import huggingface_hub.constants
-from .data import Notice, canonical_caption
+from .images import Notice
+from .captions import canonical_caption
 
 # %% ../nbs/03_text.ipynb #d773352b
 CLIP_HUB_ID = 'openai/clip-vit-base-patch32'

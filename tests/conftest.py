@@ -29,7 +29,7 @@ def qata_root():
 @pytest.fixture(scope='module')
 def synth(request, tmp_path_factory):
     "A small generated dataset, 8 train / 4 valid / 4 test at 48x48; a test module changes it with `SYNTH = dict(...)`"
-    from reclmis_nb.data import make_synthetic_dataset
+    from reclmis_nb.synthetic import make_synthetic_dataset
     kw = dict(n_train=8, n_valid=4, n_test=4, size=48, seed=0) | getattr(request.module, 'SYNTH', {})
     return make_synthetic_dataset(tmp_path_factory.mktemp('data')/'synth', **kw)
 

@@ -19,7 +19,9 @@ CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-network
 
 NOTEBOOK_CELLS = [
     "import os\nos.environ['HF_HUB_OFFLINE'] = '1'\nimport torch\ntorch.manual_seed(0); torch.set_num_threads(1)\n"
-    "from reclmis_nb.data import make_synthetic_dataset, read_dataset, LangSegDataset\n"
+    "from reclmis_nb.synthetic import make_synthetic_dataset\n"
+    "from reclmis_nb.data import read_dataset\n"
+    "from reclmis_nb.dataset import LangSegDataset\n"
     "from reclmis_nb.model import RecLMIS, get_preset\n"
     "from reclmis_nb.interpret import AlignmentExplorer",
     "cfg = get_preset('small', image_size=64, widths=(8, 8, 16, 16, 32), dim=32, recon_layers=1, recon_ffn=64,\n"

@@ -151,7 +151,7 @@ def test_profile_model_json(capsys):
 def test_caption_variants_offered():
     "`eval --captions` offers exactly the wordings `data.CAPTION_VARIANTS` renders"
     from reclmis_nb.cli import build_parser
-    from reclmis_nb.data import CAPTION_VARIANTS
+    from reclmis_nb.captions import CAPTION_VARIANTS
     ev = build_parser()._subparsers._group_actions[0].choices['eval']
     assert next(a.choices for a in ev._actions if a.dest == 'captions') == list(CAPTION_VARIANTS)
 

@@ -8,8 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from reclmis_nb.data import (DatasetError, DownloadError, LangSegDataset, caption_zones, check_dataset, download_qata,
-                             format_report, hflip, load_image, load_mask, make_synthetic_dataset, read_dataset)
+from reclmis_nb.images import DatasetError, load_image, load_mask
+from reclmis_nb.captions import caption_zones
+from reclmis_nb.synthetic import make_synthetic_dataset
+from reclmis_nb.data import DownloadError, check_dataset, download_qata, format_report, read_dataset
+from reclmis_nb.augment import hflip
+from reclmis_nb.dataset import LangSegDataset
 
 
 def snapshot(root):
@@ -247,7 +251,7 @@ def test_synthetic_deterministic(tmp_path):
 
 def test_synthetic_distractors(tmp_path):
     "Shifting the distractor range by one adds one look-alike opacity per image: same captions and masks"
-    from reclmis_nb.data import synthetic_sample
+    from reclmis_nb.synthetic import synthetic_sample
     a = make_synthetic_dataset(tmp_path/'a', n_train=8, n_valid=0, n_test=0, size=64, seed=1)
     b = make_synthetic_dataset(tmp_path/'b', n_train=8, n_valid=0, n_test=0, size=64, seed=1, distractors=(2, 3))
     assert (a/'prompts/annotation.json').read_text() == (b/'prompts/annotation.json').read_text()
@@ -309,7 +313,7 @@ def bits(t): return t.contiguous().view(torch.int32)
 def test_cache_is_exact_on_real_data(qata_root, size, release):
     "Real QaTa items from the cache are the decoded-and-resized items bit for bit: our bilinear (float) and the release's cv2 (uint8)"
     from reclmis_nb.release import release_resize_pair
-    from reclmis_nb.data import resize_pair
+    from reclmis_nb.dataset import resize_pair
     samples = read_dataset(qata_root).splits['train'][::300]   # 6 images, covid_ and sub-s files
     kw = dict(size=size, resize=release_resize_pair if release else resize_pair)
     cached, plain = LangSegDataset(samples, **kw), LangSegDataset(samples, cache_bytes=0, **kw)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from reclmis_nb.cli import main
-from reclmis_nb.data import make_synthetic_dataset, Notice
+from reclmis_nb.images import Notice
+from reclmis_nb.synthetic import make_synthetic_dataset
 
 from conftest import cli
 
@@ -204,7 +205,7 @@ def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
 @pytest.fixture(scope='module')
 def model_and_image(run):
     from reclmis_nb.learner import load_checkpoint
-    from reclmis_nb.data import load_image
+    from reclmis_nb.images import load_image
     path = sorted((run[1]/'images/test/images').iterdir())[0]
     return load_checkpoint(run[0]/'best.pth')[0], load_image(path), path
 
@@ -230,7 +231,7 @@ def test_one_string_for_several_images(model_and_image):
 
 def test_notices(tmp_path, capsys, run):
     "Merged mask labels and a cut sentence are said once, in one line each"
-    from reclmis_nb.data import load_mask
+    from reclmis_nb.images import load_mask
     pal = Image.new('P', (2, 2)); pal.putdata([0, 1, 2, 2]); pal.putpalette([0, 0, 0, 1, 1, 1, 2, 2, 2] + [0] * 759)
     pal.save(tmp_path/'palette.png')   # palette indices 0, 1, 2 on a grey palette
     with warnings.catch_warnings(record=True) as seen:

@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reclmis_nb.data import read_dataset, LangSegDataset, swap_left_right
+from reclmis_nb.data import read_dataset
+from reclmis_nb.dataset import LangSegDataset
+from reclmis_nb.augment import swap_left_right
 from reclmis_nb.learner import train, load_checkpoint
 from reclmis_nb.interpret import (explain, word_attributions, image_attributions, alignment, counterfactuals,
                                   AlignmentExplorer, tokenize_words, ZONE_BANDS)

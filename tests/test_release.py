@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reclmis_nb.cli import main
-from reclmis_nb.data import load_image, load_mask
+from reclmis_nb.images import load_image, load_mask
 from reclmis_nb.learner import load_checkpoint, predict_probs
 from reclmis_nb.release import (CheckpointError, read_checkpoint, load_release, release_arrays, release_resize_pair, model_input,
                                 release_training_forward)

@@ -22,7 +22,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
     from reclmis_nb.learner import load_checkpoint, score, CaptionFeatures, WithTextFeatures, recompute_bn
-    from reclmis_nb.data import read_dataset, LangSegDataset
+    from reclmis_nb.data import read_dataset
+    from reclmis_nb.dataset import LangSegDataset
     from reclmis_nb.release import model_input
     torch.set_num_threads(a.threads)
     model, info = load_checkpoint(a.checkpoint, 'cpu')

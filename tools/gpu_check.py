@@ -102,7 +102,7 @@ class Check:
         if self.a.data is not None: return self.a.data
         root = self.work/'data'
         if not (root/'prompts').exists():
-            from reclmis_nb.data import make_synthetic_dataset
+            from reclmis_nb.synthetic import make_synthetic_dataset
             make_synthetic_dataset(root, n_train=8, n_valid=4, n_test=4, size=48, seed=0)
         return root
 
@@ -202,7 +202,8 @@ def bench(c):
 
 def loader(c):
     "The learner's loaders over one training epoch, without the model: can they feed the step?"
-    from reclmis_nb.data import read_dataset, LangSegDataset
+    from reclmis_nb.data import read_dataset
+    from reclmis_nb.dataset import LangSegDataset
     from reclmis_nb.learner import CaptionFeatures, text_dls, get_recipe, _train_captions
     from reclmis_nb.text import TextEncoder
     cfg, recipe = c.cfg, get_recipe('qata')
@@ -246,7 +247,8 @@ def cpu_reload(c):
     c.needs('train_epoch')
     torch = c.torch
     from reclmis_nb.learner import load_checkpoint, score
-    from reclmis_nb.data import read_dataset, LangSegDataset
+    from reclmis_nb.data import read_dataset
+    from reclmis_nb.dataset import LangSegDataset
     model, info = load_checkpoint(c.run_dir/'best.pth', 'cpu')
     where = {str(p.device) for p in model.state_dict().values()}
     if where != {'cpu'}: raise AssertionError(f'the reloaded model has tensors on {where}')
