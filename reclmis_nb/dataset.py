@@ -11,6 +11,7 @@ __all__ = ['CACHE_BYTES', 'resize_pair', 'lvit_eof_pad', 'pack', 'unpack', 'Lang
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from fastcore.basics import patch
 
 from .images import DatasetError, load_image, load_mask
 from .augment import AUGMENTS
@@ -71,33 +72,39 @@ class LangSegDataset(Dataset):
 
     def __len__(self): return len(self.samples)
 
-    def decoded(self, i):
-        "Image (3,H,W) and mask (1,H,W) of sample `i` as its files hold them"
-        s = self.samples[i]
-        if s.mask is None or s.caption is None:
-            raise DatasetError(f'{s.image}: sample {s.name!r} has no mask or no caption; LangSegDataset needs both')
-        try: return load_image(s.image), load_mask(s.mask)
-        except DatasetError: raise
-        except Exception as e:
-            raise DatasetError(f'{s.image} or its mask {s.mask} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
-                               'run `reclmis data check` on the dataset') from e
-
-    def sized(self, i):
-        "Image and mask of sample `i` at size S, before augmentation: from the cache, else decoded, resized and cached while it has room"
-        if i in self.cache: return tuple(unpack(*p) for p in self.cache[i])
-        image, mask = self.resize(*self.decoded(i), self.size)
-        if self.cached_bytes < self.cache_bytes:
-            self.cache[i] = packed = (pack(image), pack(mask))
-            self.cached_bytes += sum(p[0].nbytes for p in packed)
-        return image, mask
-
-    def cache_estimate(self):
-        "Bytes the cache would hold with every sample in it, estimated from sample 0"
-        if not self.samples: return 0
-        return len(self) * sum(pack(t)[0].nbytes for t in self.resize(*self.decoded(0), self.size))
-
     def __getitem__(self, i):
         image, mask = self.sized(i)
         caption = self.samples[i].caption
         if self.augment is not None: image, mask, caption = self.augment(image, mask, caption, self.generator)
         return image, lvit_eof_pad(caption) if self.lvit_pad else caption, mask
+
+# %% ../nbs/01e_dataset.ipynb #3658bc24
+@patch
+def decoded(self:LangSegDataset, i):
+    "Image (3,H,W) and mask (1,H,W) of sample `i` as its files hold them"
+    s = self.samples[i]
+    if s.mask is None or s.caption is None:
+        raise DatasetError(f'{s.image}: sample {s.name!r} has no mask or no caption; LangSegDataset needs both')
+    try: return load_image(s.image), load_mask(s.mask)
+    except DatasetError: raise
+    except Exception as e:
+        raise DatasetError(f'{s.image} or its mask {s.mask} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                           'run `reclmis data check` on the dataset') from e
+
+# %% ../nbs/01e_dataset.ipynb #4d2ff2df
+@patch
+def sized(self:LangSegDataset, i):
+    "Image and mask of sample `i` at size S, before augmentation: from the cache, else decoded, resized and cached while it has room"
+    if i in self.cache: return tuple(unpack(*p) for p in self.cache[i])
+    image, mask = self.resize(*self.decoded(i), self.size)
+    if self.cached_bytes < self.cache_bytes:
+        self.cache[i] = packed = (pack(image), pack(mask))
+        self.cached_bytes += sum(p[0].nbytes for p in packed)
+    return image, mask
+
+# %% ../nbs/01e_dataset.ipynb #dc1c6d34
+@patch
+def cache_estimate(self:LangSegDataset):
+    "Bytes the cache would hold with every sample in it, estimated from sample 0"
+    if not self.samples: return 0
+    return len(self) * sum(pack(t)[0].nbytes for t in self.resize(*self.decoded(0), self.size))
