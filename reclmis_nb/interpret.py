@@ -6,15 +6,17 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/interpret.html.md"""
 
 # %% auto #0
 __all__ = ['ZONE_BANDS', 'FILLER_WORDS', 'EDITS', 'MAPS', 'as_model', 'eval_mode', 'model_device', 'model_image', 'Tokens',
-           'tokenize_words', 'merge_pieces', 'interest_forward', 'patch_grid', 'alignment', 'upsample', 'draw_heat',
-           'attention_figure', 'peak', 'word_bar', 'zone_region', 'zone_alignment', 'format_zones', 'pick_region',
+           'tokenize_words', 'merge_pieces', 'interest_forward', 'patch_grid', 'alignment', 'upsample', 'peak',
+           'draw_heat', 'attention_figure', 'word_bar', 'zone_region', 'zone_alignment', 'format_zones', 'pick_region',
            'region_target', 'word_attributions', 'image_attributions', 'captum_figure', 'zone_word_ranking',
            'word_patch_attributions', 'swap_words', 'swap_area_count', 'counterfactuals', 'counterfactual_figure',
-           'text_sensitivity', 'missing_glyphs', 'explain', 'button_labels', 'AlignmentExplorer']
+           'text_sensitivity', 'missing_glyphs', 'explain_paths', 'explain_summary', 'explain', 'button_labels',
+           'explorer_dataset', 'explorer_figure', 'AlignmentExplorer']
 
 # %% ../nbs/11_interpret.ipynb #01b5010f
 import contextlib, io, json, re, warnings
 from dataclasses import dataclass
+from fastcore.basics import patch
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ def as_model(learn_or_model, # a RecLMIS, or a fastai Learner whose .model is on
         raise TypeError(f'expected a RecLMIS or a Learner holding one, got {type(learn_or_model).__name__}')
     return model
 
+# %% ../nbs/11_interpret.ipynb #1817a9c1
 @contextlib.contextmanager
 def eval_mode(model):
     "Put `model` in eval mode for a while, then back in the mode it had"
@@ -47,10 +50,12 @@ def eval_mode(model):
     try: yield model
     finally: model.train(was)
 
+# %% ../nbs/11_interpret.ipynb #d9a4a5f6
 def model_device(model):
     "The device of the model's weights"
     return next(model.parameters()).device
 
+# %% ../nbs/11_interpret.ipynb #47fd9446
 def model_image(model, # a RecLMIS
                 image, # (3,H,W) float in [0,1], any size
                ):
@@ -69,6 +74,7 @@ class Tokens:
     words: list # W words of `sentence` (those that fit in T tokens)
     pieces: list # W lists of token positions, one list per word
 
+# %% ../nbs/11_interpret.ipynb #f918d323
 def tokenize_words(encoder, # a TextEncoder
                    sentence:str, # the sentence
                   ):
@@ -85,6 +91,7 @@ def tokenize_words(encoder, # a TextEncoder
     words = [sentence[s.start:s.end] for s in (enc.word_to_chars(0, w) for w in pieces)]
     return Tokens(sentence, ids, mask, words, list(pieces.values()))
 
+# %% ../nbs/11_interpret.ipynb #b854815e
 def merge_pieces(values, # (..., T) one value per token
                  pieces:list, # word -> token positions, from `tokenize_words`
                  reduce:str='sum', # 'sum' or 'mean' over a word's pieces
@@ -113,6 +120,7 @@ def patch_grid(model):
     "(h, w) of the patch grid: the f4 map is 16 times smaller than the image"
     return (model.cfg.image_size // 16,) * 2
 
+# %% ../nbs/11_interpret.ipynb #7d96b464
 @torch.no_grad()
 def alignment(learn_or_model, # a RecLMIS or a Learner holding one
               image, # (3,H,W) float in [0,1]
@@ -140,6 +148,12 @@ def upsample(heat, # (h,w) map on the patch grid
     t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]
     return F.interpolate(t, size=(size, size), mode='bilinear', align_corners=False)[0, 0].numpy()
 
+# %% ../nbs/11_interpret.ipynb #7a2268e0
+def peak(heat): 
+    "Largest value of a map over its mean: 1 for a uniform map"
+    return float(np.max(heat) / (np.mean(heat) + 1e-12))
+
+# %% ../nbs/11_interpret.ipynb #70ea0c38
 def draw_heat(ax, # a matplotlib Axes
               image, # (S,S,3) float in [0,1]
               heat=None, # (h,w) patch map, or None for the image alone
@@ -160,6 +174,7 @@ def draw_heat(ax, # a matplotlib Axes
     ax.set_title(title, fontsize=8); ax.axis('off')
     return ax
 
+# %% ../nbs/11_interpret.ipynb #1ecb9f8e
 def attention_figure(al:dict, # from `alignment`
                      kind:str='t2v', # 't2v' (patches each word reads) or 'v2t' (patches that read each word)
                      alpha:float=0.5, ncols:int=6, dpi:int=80,
@@ -180,10 +195,7 @@ def attention_figure(al:dict, # from `alignment`
     fig.tight_layout()
     return fig
 
-def peak(heat): 
-    "Largest value of a map over its mean: 1 for a uniform map"
-    return float(np.max(heat) / (np.mean(heat) + 1e-12))
-
+# %% ../nbs/11_interpret.ipynb #ffef753a
 def word_bar(ax, # a matplotlib Axes
              words:list, scores, # one score per word
              highlight:int|None=None, # index of the word to colour
@@ -202,6 +214,7 @@ def word_bar(ax, # a matplotlib Axes
 ZONE_BANDS = {'upper': ('y', 0., .4), 'middle': ('y', .4, .6), 'lower': ('y', .6, 1.),
               'left': ('x', 0., .5), 'right': ('x', .5, 1.)}
 
+# %% ../nbs/11_interpret.ipynb #0c02edfc
 def zone_region(word:str, # a zone word: upper, middle, lower, left, right
                 grid:tuple, # (h, w) patch grid
                ):
@@ -213,6 +226,7 @@ def zone_region(word:str, # a zone word: upper, middle, lower, left, right
     part = (np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo)).clip(0) * n
     return np.broadcast_to(part[:, None] if axis == 'y' else part[None], grid).astype(np.float32)
 
+# %% ../nbs/11_interpret.ipynb #a5dbf24c
 def zone_alignment(learn_or_model, # a RecLMIS or a Learner holding one
                    dataset, # items (image, caption, mask), e.g. a LangSegDataset of generated data
                    kind:str='t2v', # which per-word map: attention 't2v' or 'v2t', or 'captum' (`word_patch_attributions`)
@@ -240,6 +254,7 @@ def zone_alignment(learn_or_model, # a RecLMIS or a Learner holding one
     return {w: dict(n=len(r['word']), zone_word=float(np.mean(r['word'])), other_words=float(np.mean(r['others'])),
                     area=float(r['area'])) for w, r in sorted(rows.items())}
 
+# %% ../nbs/11_interpret.ipynb #40efba41
 def format_zones(res:dict): # from `zone_alignment`
     "A small table of `zone_alignment`'s result"
     lines = [f"{'word':<8}{'n':>4}{'zone word':>11}{'other words':>13}{'zone area':>11}"]
@@ -268,6 +283,7 @@ def pick_region(probs, # (S,S) predicted probabilities
         raise ValueError(f'region array of shape {tuple(given.shape)} must be ({S}, {S}) and not all zero')
     return given, 'given region'
 
+# %% ../nbs/11_interpret.ipynb #284e231d
 def region_target(logits, # (B,1,S,S) mask logits
                   region, # (S,S) weights, 1 inside the region
                  ):
@@ -301,6 +317,7 @@ def _word_igs(model, image, sentence, regions, n_steps, internal_batch_size):
                                 region=how, region_mask=reg.cpu().numpy(), probs=probs.cpu().numpy()))
     return results
 
+# %% ../nbs/11_interpret.ipynb #3aa7448b
 def word_attributions(learn_or_model, # a RecLMIS or a Learner holding one
                       image, # (3,H,W) float in [0,1]
                       sentence:str, # the sentence
@@ -367,6 +384,7 @@ def captum_figure(wa:dict, # from `word_attributions`
 # %% ../nbs/11_interpret.ipynb #09aa829e
 FILLER_WORDS = ('pulmonary', 'infection', 'infected', 'lung', 'and', ',', '.')
 
+# %% ../nbs/11_interpret.ipynb #321a3ed2
 def zone_word_ranking(learn_or_model, # a RecLMIS or a Learner holding one
                       dataset, # items (image, caption, mask)
                       n:int|None=None, # first n samples (all when None)
@@ -409,6 +427,7 @@ def swap_words(sentence:str, # the sentence
         return new.upper() if w.isupper() and len(w) > 1 else new.capitalize() if w[0].isupper() else new
     return re.sub(rf'\b(?:{re.escape(a)}|{re.escape(b)})\b', swap, sentence, flags=re.IGNORECASE)
 
+# %% ../nbs/11_interpret.ipynb #6caca25c
 def swap_area_count(sentence:str):
     "'one ... area' <-> 'two ... areas' (also region, lesion, zone), the noun's number kept in agreement"
     def swap(m):
@@ -418,6 +437,7 @@ def swap_area_count(sentence:str):
         return f"{count}{m.group(2)}{m.group(3)}{'s' if one else ''}"
     return re.sub(r'\b(one|two)(\s+(?:\w+\s+)?)(area|region|lesion|zone)s?\b', swap, sentence, flags=re.IGNORECASE)
 
+# %% ../nbs/11_interpret.ipynb #79a3132f
 EDITS = {'left <-> right': swap_left_right,
          'upper <-> lower': lambda s: swap_words(s, 'upper', 'lower'),
          'one <-> two areas': swap_area_count}
@@ -440,6 +460,7 @@ def counterfactuals(learn_or_model, # a RecLMIS or a Learner holding one
                 results=[dict(edit=k, sentence=s, probs=p, changed=float(np.abs(p - probs[0]).mean()))
                          for (k, s), p in zip(sentences, probs)])
 
+# %% ../nbs/11_interpret.ipynb #7ce207be
 def counterfactual_figure(cfs:dict, # from `counterfactuals`
                           dpi:int=80,
                          ):
@@ -487,6 +508,32 @@ def missing_glyphs(text:str # a sentence to draw
     font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
     return sorted({ch for ch in text if not ch.isspace() and font.get_char_index(ord(ch)) == 0})
 
+# %% ../nbs/11_interpret.ipynb #2451ebd0
+def explain_paths(image:Path, # the image file
+                  out:Path, # the output folder
+                 ):
+    "The four files `explain` writes for `image` into `out`; FileExistsError when one of them exists"
+    paths = dict(attention=out/f'{image.stem}_attention.png', words_png=out/f'{image.stem}_words.png',
+                 words_json=out/f'{image.stem}_words.json', counterfactual=out/f'{image.stem}_counterfactual.png')
+    if clash := [p for p in paths.values() if p.exists()]:
+        raise FileExistsError(f'{clash[0]} exists: choose another --out folder (explain never writes over a file)')
+    return paths
+
+# %% ../nbs/11_interpret.ipynb #5b5fa8e0
+def explain_summary(checkpoint, image, text, # the inputs of `explain`
+                    info, # `load_checkpoint`'s information on the model
+                    al, wa, cfs, # from `alignment`, `word_attributions`, `counterfactuals`
+                    n_steps, # integration steps of `wa`
+                   ):
+    "What `explain` writes to <stem>_words.json"
+    return dict(checkpoint=str(checkpoint), image=str(image), sentence=text, read_as=al['tokens'].sentence, preset=info['preset'],
+                words=wa['words'], scores=[float(v) for v in wa['scores']], W_woi=[float(v) for v in al['woi']],
+                target=wa['target'], baseline_target=wa['baseline_target'], convergence_delta=wa['delta'],
+                n_steps=n_steps, region=wa['region'], foreground=float((al['probs'] > 0.5).mean()),
+                counterfactuals={c['edit']: dict(sentence=c['sentence'], mean_abs_change=c['changed'])
+                                 for c in cfs['results'][1:]})
+
+# %% ../nbs/11_interpret.ipynb #ee220a4a
 def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             image, # image file (PNG, JPEG, ...)
             text:str, # the sentence
@@ -506,10 +553,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     try: img = load_image(image)
     except Exception as e: raise ValueError(f'cannot read image {image}: {str(e).splitlines()[0]}') from e
     out = Path(out)
-    paths = dict(attention=out/f'{image.stem}_attention.png', words_png=out/f'{image.stem}_words.png',
-                 words_json=out/f'{image.stem}_words.json', counterfactual=out/f'{image.stem}_counterfactual.png')
-    if clash := [p for p in paths.values() if p.exists()]:
-        raise FileExistsError(f'{clash[0]} exists: choose another --out folder (explain never writes over a file)')
+    paths = explain_paths(image, out)
     model, info = load_checkpoint(checkpoint, device, canonical)
     if (arch := info['recipe'].get('arch', 'reclmis')) != 'reclmis':
         raise ValueError(f'{checkpoint} holds a {arch} model: explain reads RecLMIS attention and interest weights, '
@@ -517,12 +561,7 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
     al = alignment(model, img, text)
     wa = word_attributions(model, img, text, region=region, n_steps=n_steps)
     cfs = counterfactuals(model, img, text)
-    summary = dict(checkpoint=str(checkpoint), image=str(image), sentence=text, read_as=al['tokens'].sentence, preset=info['preset'],
-                   words=wa['words'], scores=[float(v) for v in wa['scores']], W_woi=[float(v) for v in al['woi']],
-                   target=wa['target'], baseline_target=wa['baseline_target'], convergence_delta=wa['delta'],
-                   n_steps=n_steps, region=wa['region'], foreground=float((al['probs'] > 0.5).mean()),
-                   counterfactuals={c['edit']: dict(sentence=c['sentence'], mean_abs_change=c['changed'])
-                                    for c in cfs['results'][1:]})
+    summary = explain_summary(checkpoint, image, text, info, al, wa, cfs, n_steps)
     if missing := missing_glyphs(text):
         warnings.warn(Notice(f"the figures' font has no glyph for {len(missing)} character(s) of the sentence "
                              f"({''.join(missing[:10])}): they show as boxes; the JSON keeps them"))
@@ -534,9 +573,10 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
         tmps[-1].write_text(json.dumps(summary, indent=1))
     return paths
 
-# %% ../nbs/11_interpret.ipynb #9f4f2093
+# %% ../nbs/11_interpret.ipynb #582ebc26
 MAPS = {'text -> image': 't2v', 'image -> text': 'v2t', 'Captum': 'captum', 'Captum per word': 'word_patches', 'W_poi': 'poi'}
 
+# %% ../nbs/11_interpret.ipynb #836d4ec7
 def button_labels(words:list):
     "Unique button labels: a repeated word gets its occurrence as a subscript ('lung', 'lung₂'); the browser needs unique labels"
     seen = {}
@@ -545,10 +585,57 @@ def button_labels(words:list):
         return w if seen[w] == 1 else w + str(seen[w]).translate(str.maketrans('0123456789', '₀₁₂₃₄₅₆₇₈₉'))
     return [label(w) for w in words]
 
+# %% ../nbs/11_interpret.ipynb #1a664158
 def _buttons(description, options=()):
+    "ToggleButtons with `options`, as wide as their labels"
     return widgets.ToggleButtons(options=options, description=description,
                                  style=dict(button_width='auto', description_width='60px'))
 
+# %% ../nbs/11_interpret.ipynb #e1f0b67e
+def explorer_dataset(dataset, # items (image, caption, mask), or a dataset folder
+                     split:str, # split to show when `dataset` is a folder
+                     cfg, # the model's configuration (image size, resizing)
+                    ):
+    "The items the explorer shows: `dataset` itself, or the `split` of a dataset folder as a LangSegDataset"
+    if isinstance(dataset, (str, Path)):
+        splits = read_dataset(dataset).splits
+        if not splits.get(split): raise ValueError(f'{dataset}: no {split!r} samples (found {", ".join(splits)})')
+        dataset = LangSegDataset(splits[split], size=cfg.image_size, resize=pair_resizer(cfg))
+    if not len(dataset): raise ValueError('the dataset is empty: nothing to explore')
+    return dataset
+
+# %% ../nbs/11_interpret.ipynb #984ecafc
+def explorer_figure(al:dict, # from `alignment`
+                    map_name:str, # a key of `MAPS`
+                    j:int, # index of the chosen word
+                    alpha:float=0.5, # opacity of the map
+                    dpi:int=72, # resolution of the figure
+                    captum:tuple|None=None, # (word_attributions, image_attributions), for the 'Captum' map
+                    word_maps:dict|None=None, # `word_patch_attributions`, for 'Captum per word'
+                   ):
+    "The explorer's figure: the chosen map of word `j` over the image, and a bar per word"
+    kind = MAPS[map_name]
+    fig = Figure(figsize=(8, 3.2), dpi=dpi)
+    ax_img, ax_bar = fig.subplots(1, 2, width_ratios=(1, 1.6))
+    if kind == 'captum':
+        wa, ia = captum
+        draw_heat(ax_img, al['image'], ia['patches'], alpha, wa['region_mask'],
+                  f"IG per patch (delta {ia['delta']:+.2g})", 'RdBu_r', symmetric=True)
+        word_bar(ax_bar, al['words'], wa['scores'], j, f"IG per word (delta {wa['delta']:+.2g}), region: {wa['region']}")
+    elif kind == 'word_patches':
+        wp = word_maps
+        draw_heat(ax_img, al['image'], wp['maps'][j], alpha, al['probs'], f'"{al["words"][j]}": IG of each patch\'s logit',
+                  'RdBu_r', symmetric=True)
+        word_bar(ax_bar, al['words'], wp['maps'].clip(0).sum((1, 2)), j, 'positive IG summed over the patches')
+    else:
+        heat = al['poi'] if kind == 'poi' else al[kind][j]
+        title = 'W_poi' if kind == 'poi' else f'{map_name}: "{al["words"][j]}"'
+        draw_heat(ax_img, al['image'], heat, alpha, al['probs'], f'{title} (peak {peak(heat):.2f}x mean)')
+        word_bar(ax_bar, al['words'], al['woi'], j, 'W_woi (words of interest)')
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_interpret.ipynb #29c783c0
 class AlignmentExplorer(widgets.VBox):
     "Widgets to browse RecLMIS's word-patch alignment: sample, sentence, word, map and opacity"
     def __init__(self,
@@ -560,14 +647,9 @@ class AlignmentExplorer(widgets.VBox):
                  dpi:int=72, # resolution of the figure
                 ):
         self.model = as_model(learn_or_model)
-        if isinstance(dataset, (str, Path)):
-            splits = read_dataset(dataset).splits
-            if not splits.get(split): raise ValueError(f'{dataset}: no {split!r} samples (found {", ".join(splits)})')
-            dataset = LangSegDataset(splits[split], size=self.model.cfg.image_size, resize=pair_resizer(self.model.cfg))
-        if not len(dataset): raise ValueError('the dataset is empty: nothing to explore')
-        self.dataset, self.n_steps, self.dpi = dataset, n_steps, dpi
+        self.dataset, self.n_steps, self.dpi = explorer_dataset(dataset, split, self.model.cfg), n_steps, dpi
         self.n_draws, self._captum, self._word_maps, self._quiet = 0, {}, {}, False
-        self.sample = widgets.BoundedIntText(value=index, min=0, max=len(dataset) - 1, description='sample',
+        self.sample = widgets.BoundedIntText(value=index, min=0, max=len(self.dataset) - 1, description='sample',
                                              layout=widgets.Layout(width='160px'))
         self.opacity = widgets.FloatSlider(value=0.5, min=0, max=1, step=0.05, description='opacity',
                                            continuous_update=False)
@@ -582,74 +664,70 @@ class AlignmentExplorer(widgets.VBox):
         for w in (self.words, self.map, self.opacity): w.observe(lambda change: self.redraw(), 'value')
         self.show_sample(index)
 
-    def show_sample(self, i:int):
-        "Load sample `i` and analyse its own sentence"
-        self.image, caption, _ = self.dataset[i]
-        if self.sentence.value == caption: self.analyse(caption)
-        else: self.sentence.value = caption  # its observer analyses
-
-    def analyse(self, sentence:str):
-        "Rerun the model on the current image and `sentence`; choose the first zone word; redraw"
-        try: self.al = alignment(self.model, self.image, sentence)
-        except ValueError as e:
-            self.status.value = f'<b style="color:#b00">{e}</b>'
-            return
-        words = self.al['words']
-        first = next((j for j, w in enumerate(words) if w.lower() in ZONE_BANDS), 0)
-        self._quiet = True
-        try:
-            with self.words.hold_sync(): self.words.options, self.words.index = list(zip(button_labels(words), range(len(words)))), first
-        finally: self._quiet = False
-        self.redraw()
-
-    def captum(self):
-        "Word and patch attributions of the current sample and sentence (computed once)"
-        key = (self.sample.value, self.al['tokens'].sentence)
-        if key not in self._captum:
-            args = (self.model, self.image, key[1])
-            self._captum[key] = (word_attributions(*args, n_steps=self.n_steps),
-                                 image_attributions(*args, n_steps=self.n_steps))
-        return self._captum[key]
-
-    def word_maps(self):
-        "`word_patch_attributions` of the current sample and sentence (computed once: one attribution per patch)"
-        key = (self.sample.value, self.al['tokens'].sentence)
-        if key not in self._word_maps:
-            self._word_maps[key] = word_patch_attributions(self.model, self.image, key[1], n_steps=self.n_steps)
-        return self._word_maps[key]
-
-    def render(self):
-        "The current figure"
-        al, kind, j, alpha = self.al, MAPS[self.map.value], self.words.value, self.opacity.value
-        fig = Figure(figsize=(8, 3.2), dpi=self.dpi)
-        ax_img, ax_bar = fig.subplots(1, 2, width_ratios=(1, 1.6))
-        if kind == 'captum':
-            wa, ia = self.captum()
-            draw_heat(ax_img, al['image'], ia['patches'], alpha, wa['region_mask'],
-                      f"IG per patch (delta {ia['delta']:+.2g})", 'RdBu_r', symmetric=True)
-            word_bar(ax_bar, al['words'], wa['scores'], j, f"IG per word (delta {wa['delta']:+.2g}), region: {wa['region']}")
-        elif kind == 'word_patches':
-            wp = self.word_maps()
-            draw_heat(ax_img, al['image'], wp['maps'][j], alpha, al['probs'], f'"{al["words"][j]}": IG of each patch\'s logit',
-                      'RdBu_r', symmetric=True)
-            word_bar(ax_bar, al['words'], wp['maps'].clip(0).sum((1, 2)), j, 'positive IG summed over the patches')
-        else:
-            heat = al['poi'] if kind == 'poi' else al[kind][j]
-            title = 'W_poi' if kind == 'poi' else f'{self.map.value}: "{al["words"][j]}"'
-            draw_heat(ax_img, al['image'], heat, alpha, al['probs'], f'{title} (peak {peak(heat):.2f}x mean)')
-            word_bar(ax_bar, al['words'], al['woi'], j, 'W_woi (words of interest)')
-        fig.tight_layout()
-        return fig
-
     def __repr__(self):
         return f'AlignmentExplorer(sample {self.sample.value}, {len(self.words.options)} words, map {self.map.value!r})'
 
-    def redraw(self):
-        "Render the figure into the Image widget"
-        if self._quiet: return
-        buf = io.BytesIO()
-        self.render().savefig(buf, format='png')
-        self.figure.value = buf.getvalue()
-        self.n_draws += 1
-        self.status.value = f'sample {self.sample.value}: {len(self.al["words"])} words, predicted foreground ' \
-                            f'{(self.al["probs"] > 0.5).mean():.1%} of the image'
+# %% ../nbs/11_interpret.ipynb #8689ac34
+@patch
+def show_sample(self:AlignmentExplorer, i:int):
+    "Load sample `i` and analyse its own sentence"
+    self.image, caption, _ = self.dataset[i]
+    if self.sentence.value == caption: self.analyse(caption)
+    else: self.sentence.value = caption  # its observer analyses
+
+# %% ../nbs/11_interpret.ipynb #fe1f3c93
+@patch
+def analyse(self:AlignmentExplorer, sentence:str):
+    "Rerun the model on the current image and `sentence`; choose the first zone word; redraw"
+    try: self.al = alignment(self.model, self.image, sentence)
+    except ValueError as e:
+        self.status.value = f'<b style="color:#b00">{e}</b>'
+        return
+    words = self.al['words']
+    first = next((j for j, w in enumerate(words) if w.lower() in ZONE_BANDS), 0)
+    self._quiet = True
+    try:
+        with self.words.hold_sync(): self.words.options, self.words.index = list(zip(button_labels(words), range(len(words)))), first
+    finally: self._quiet = False
+    self.redraw()
+
+# %% ../nbs/11_interpret.ipynb #3baec7e8
+@patch
+def render(self:AlignmentExplorer):
+    "The current figure"
+    kind = MAPS[self.map.value]
+    return explorer_figure(self.al, self.map.value, self.words.value, self.opacity.value, self.dpi,
+                           captum=self.captum() if kind == 'captum' else None,
+                           word_maps=self.word_maps() if kind == 'word_patches' else None)
+
+# %% ../nbs/11_interpret.ipynb #16f3b409
+@patch
+def redraw(self:AlignmentExplorer):
+    "Render the figure into the Image widget"
+    if self._quiet: return
+    buf = io.BytesIO()
+    self.render().savefig(buf, format='png')
+    self.figure.value = buf.getvalue()
+    self.n_draws += 1
+    self.status.value = f'sample {self.sample.value}: {len(self.al["words"])} words, predicted foreground ' \
+                        f'{(self.al["probs"] > 0.5).mean():.1%} of the image'
+
+# %% ../nbs/11_interpret.ipynb #8be617f3
+@patch
+def captum(self:AlignmentExplorer):
+    "Word and patch attributions of the current sample and sentence (computed once)"
+    key = (self.sample.value, self.al['tokens'].sentence)
+    if key not in self._captum:
+        args = (self.model, self.image, key[1])
+        self._captum[key] = (word_attributions(*args, n_steps=self.n_steps),
+                             image_attributions(*args, n_steps=self.n_steps))
+    return self._captum[key]
+
+# %% ../nbs/11_interpret.ipynb #1caeac54
+@patch
+def word_maps(self:AlignmentExplorer):
+    "`word_patch_attributions` of the current sample and sentence (computed once: one attribution per patch)"
+    key = (self.sample.value, self.al['tokens'].sentence)
+    if key not in self._word_maps:
+        self._word_maps[key] = word_patch_attributions(self.model, self.image, key[1], n_steps=self.n_steps)
+    return self._word_maps[key]
