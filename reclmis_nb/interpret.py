@@ -494,7 +494,8 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             canonical=None, # True/False: the model reads the sentence canonically / as written; None: as trained
            ):
     "Write <stem>_attention.png, <stem>_words.png, <stem>_words.json and <stem>_counterfactual.png; returns their paths"
-    from reclmis_nb.learner import load_checkpoint, all_or_nothing
+    from reclmis_nb.evaluation import load_checkpoint
+    from reclmis_nb.checkpoints import all_or_nothing
     if not isinstance(text, str) or not text.strip():
         raise ValueError('the sentence is empty: pass --text "a description of the region to segment"')
     if n_steps < 1: raise ValueError(f'n_steps={n_steps}: the word scores need at least 1 integration step (--steps)')

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from reclmis_nb.data import read_dataset, LangSegDataset, swap_left_right
-from reclmis_nb.learner import train, load_checkpoint
+from reclmis_nb.training import train
+from reclmis_nb.evaluation import load_checkpoint
 from reclmis_nb.interpret import (explain, word_attributions, image_attributions, alignment, counterfactuals,
                                   AlignmentExplorer, tokenize_words, ZONE_BANDS)
 
