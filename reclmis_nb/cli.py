@@ -97,7 +97,7 @@ def loss_weight(s):
 # %% ../nbs/90_cli.ipynb #3a61dc8e
 def cmd_train(args):
     "Train a preset (or resume a run) and print where the run went"
-    from reclmis_nb.learner import train
+    from reclmis_nb.distributed import train_distributed
     if args.resume is None and args.data is None: raise UsageError('--data ROOT is needed (or --resume RUN)')
     if args.resume is not None and (args.loss_weight or args.as_released):
         raise UsageError(f'--resume continues {args.resume} as it was started: leave out --loss-weight and --as-released')
@@ -112,13 +112,13 @@ def cmd_train(args):
         if over['arch'] != 'reclmis':
             raise UsageError(f'--loss-weight changes RecLMIS loss terms; {over["arch"]} has only the segmentation loss' if args.loss_weight
                              else f"--as-released changes RecLMIS's interaction; {over['arch']} has no such switches")
-        from reclmis_nb.learner import get_recipe, recipe_config
+        from reclmis_nb.recipes import get_recipe, recipe_config
         from reclmis_nb.model import RELEASE_SWITCHES
         recipe = get_recipe(args.preset or 'small')
         over['model_overrides'] = dict(recipe.model_overrides)
         if args.loss_weight: over['model_overrides']['loss_weights'] = recipe_config(recipe).loss_weights | dict(args.loss_weight)
         if args.as_released: over['model_overrides'] |= RELEASE_SWITCHES
-    run = train(args.data, args.preset, epochs=args.epochs, out=args.out, resume=args.resume, device=args.device,
+    run = train_distributed(args.data, args.preset, epochs=args.epochs, out=args.out, resume=args.resume, device=args.device,
                 stop_after=args.stop_after, progress=not args.quiet, check=not args.no_check,
                 **({} if args.cache_mb is None else dict(cache_bytes=args.cache_mb * 2**20)), **over)
     if int(os.environ.get('RANK', 0)) == 0: print(f'run folder: {run}')
@@ -166,7 +166,7 @@ def _exists(path, what):
 # %% ../nbs/90_cli.ipynb #77fb7b7d
 def cmd_eval(args):
     "Print the scores of a checkpoint on a split (JSON with --json)"
-    from reclmis_nb.learner import evaluate
+    from reclmis_nb.evaluation import evaluate
     from reclmis_nb.data import require_clean
     checkpoint, root = _exists(args.checkpoint, 'checkpoint'), _exists(args.data, 'dataset folder')
     if not args.no_check: require_clean(root, (args.split,), f'evaluating the {args.split} split')
@@ -206,7 +206,9 @@ def cmd_predict(args):
     from reclmis_nb.images import load_image
     try: image = load_image(image_path)
     except Exception as e: raise UsageError(f'cannot read image {image_path}: {e}'.splitlines()[0])
-    from reclmis_nb.learner import load_checkpoint, predict_probs, to_image_grid, overlay, all_or_nothing
+    from reclmis_nb.evaluation import load_checkpoint
+    from reclmis_nb.prediction import predict_probs, to_image_grid, overlay
+    from reclmis_nb.checkpoints import all_or_nothing
     out = Path(args.out)
     paths = [out/f'{image_path.stem}_mask.png', out/f'{image_path.stem}_overlay.png']
     if args.probs: paths.append(out/f'{image_path.stem}_probs.npy')
@@ -293,7 +295,8 @@ def add_profile(sub):
 # %% ../nbs/90_cli.ipynb #5f42f823
 def cmd_bench(args):
     "Training and inference images/s of a preset on this machine, against its own matmul rate (JSON with --json)"
-    from reclmis_nb.learner import get_recipe, recipe_config, pick_device
+    from reclmis_nb.recipes import get_recipe, recipe_config
+    from reclmis_nb.learner import pick_device
     from reclmis_nb.profile import bench_model, format_bench
     recipe = get_recipe(args.preset)
     res = bench_model(recipe_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
@@ -323,7 +326,7 @@ def cmd_demo(args):
     "Generate data, train the demo preset, evaluate with and without the text, draw a figure"
     import torch
     torch.set_num_threads(args.threads)
-    from reclmis_nb.learner import demo
+    from reclmis_nb.demo import demo
     demo(args.out, epochs=args.epochs, device=args.device, progress=not args.quiet, seed=args.seed)
     return 0
 

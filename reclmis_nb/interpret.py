@@ -61,7 +61,7 @@ def model_image(model, # a RecLMIS
                ):
     "The image as the model takes it: (1,3,S,S) on the model's device"
     if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f'expected an image of shape (3,H,W), got {tuple(image.shape)}: use data.load_image')
+        raise ValueError(f'expected an image of shape (3,H,W), got {tuple(image.shape)}: use images.load_image')
     return model_input(image, model.cfg).to(model_device(model))  # bilinear, or the release's cv2 path (07a_release)
 
 # %% ../nbs/11_interpret.ipynb #f4e3d7d5
@@ -544,7 +544,8 @@ def explain(checkpoint, # best.pth / last.pth of a run, or a run folder
             canonical=None, # True/False: the model reads the sentence canonically / as written; None: as trained
            ):
     "Write <stem>_attention.png, <stem>_words.png, <stem>_words.json and <stem>_counterfactual.png; returns their paths"
-    from reclmis_nb.learner import load_checkpoint, all_or_nothing
+    from reclmis_nb.evaluation import load_checkpoint
+    from reclmis_nb.checkpoints import all_or_nothing
     if not isinstance(text, str) or not text.strip():
         raise ValueError('the sentence is empty: pass --text "a description of the region to segment"')
     if n_steps < 1: raise ValueError(f'n_steps={n_steps}: the word scores need at least 1 integration step (--steps)')

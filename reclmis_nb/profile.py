@@ -7,18 +7,22 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/profile.html.md"""
 # %% auto #0
 __all__ = ['BENCH_KEYS', 'PAPER_FIGURES', 'eager_attention', 'used_parameters', 'flop_counter_macs', 'thop_count',
            'profile_model', 'format_profile', 'matmul_rate', 'peak_memory', 'device_name', 'bench_model',
-           'format_bench', 'profile', 'profile_table']
+           'format_bench', 'profile', 'profile_table', 'PhaseTimer', 'item_seconds']
 
 # %% ../nbs/12_profile.ipynb #45b003f3
 import time, statistics, contextlib, platform, warnings
+from collections import Counter
 from dataclasses import replace
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.overrides import TorchFunctionMode
+from fastai.basics import Callback
 from .model import RecLMISConfig, RecLMIS, get_preset, n_params, INFERENCE_PARTS, TRAINING_PARTS
 from .baselines import build_model, model_config, model_from_config, lvit_unused_released
-from .learner import pick_device, _autocast, torch_adam
+from .dataset import pack, unpack
+from .recipes import torch_adam
+from .learner import pick_device, _autocast
 
 # %% ../nbs/12_profile.ipynb #73ee593a
 def _macs(fn, *args):
@@ -337,3 +341,55 @@ def profile_table(profiles:list) -> 'pd.DataFrame':
                      'MACs thop (G)': mm['thop'] / 1e9, 'MACs thop batch 2 (G)': mm['thop_batch2'] / 1e9,
                      'latency (s)': p.get('latency_s')})
     return pd.DataFrame(rows).set_index('model').round(3)
+
+# %% ../nbs/12_profile.ipynb #e4714b41
+class PhaseTimer(Callback):
+    "Wall seconds of each phase (train/valid load, forward, loss, backward, optimizer, ...) per epoch of a fit, and the images seen"
+    order = 100  # after every other callback of an event: each phase includes the callbacks that run in it
+    def before_fit(self): self.epochs, self.images, self.t = [], Counter(), time.perf_counter()
+    @property
+    def seconds(self): return sum(self.epochs, Counter())
+    def _lap(self, phase, split=True):
+        t = time.perf_counter()
+        self.epochs[-1][f'{"train" if self.training else "valid"} {phase}' if split else phase] += t - self.t
+        self.t = t
+    def before_epoch(self): self.epochs.append(Counter()); self._lap('epoch start', False)
+    def before_train(self): self._lap('epoch start', False)
+    def before_batch(self):
+        self._lap('load')
+        self.images['train' if self.training else 'valid'] += self.yb[0].shape[0]
+    def after_pred(self): self._lap('forward')
+    def after_loss(self): self._lap('loss')
+    def before_backward(self): self._lap('loss')
+    def after_backward(self): self._lap('backward')
+    def before_step(self): self._lap('backward')
+    def after_step(self): self._lap('optimizer')
+    def after_batch(self): self._lap('bookkeeping' if self.training else 'metrics')
+    def after_train(self): self._lap('load')
+    def before_validate(self): self._lap('train bookkeeping', False)
+    def after_validate(self): self._lap('valid metrics', False)
+    def after_epoch(self): self._lap('epoch end', False)
+    def after_fit(self):
+        if self.epochs: self._lap('epoch end', False)   # an epoch ended by an exception skipped after_epoch
+
+# %% ../nbs/12_profile.ipynb #4cb14fa2
+def item_seconds(ds,             # a `LangSegDataset`
+                 feats,          # `CaptionFeatures` with its captions
+                 items=None,     # indices of the items to time (default: all)
+                 encode=False):  # also time encoding each caption again, as if features were not looked up
+    "Seconds of each stage of making items of `ds`, each timed alone: decode, resize, cached read, augment, text lookup"
+    secs, tick = Counter(), time.perf_counter
+    for i in (range(len(ds)) if items is None else items):
+        t0 = tick(); image, mask = ds.decoded(i)
+        t1 = tick(); image, mask = ds.resize(image, mask, ds.size)
+        t2 = tick(); packed = (pack(image), pack(mask))
+        t3 = tick(); image, mask = (unpack(*p) for p in packed)
+        t4 = tick(); caption = ds.samples[i].caption
+        if ds.augment is not None: image, mask, caption = ds.augment(image, mask, caption, ds.generator)
+        t5 = tick(); feats[caption]
+        t6 = tick()
+        if encode and feats.encoder is not None:   # the encoder's forward itself (`encode` would find its own cache)
+            with torch.no_grad(): feats.encoder(*feats.encoder.tokenize([caption]))
+        stages = [('decode', t0, t1), ('resize', t1, t2), ('cached read', t3, t4), ('augment', t4, t5), ('text lookup', t5, t6)]
+        for k, a, b in stages + ([('text encode', t6, tick())] if encode else []): secs[k] += b - a
+    return secs

@@ -106,8 +106,8 @@ def test_predict_errors(case, trained, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == 'missing' else ['x.png'])
 
 def test_demo_plumbing(tmp_path):
-    "The demo's steps and files, at test size (the real demo is measured in the learner notebook)"
-    from reclmis_nb.learner import demo
+    "The demo's steps and files, at test size (the real demo is measured in the demo notebook)"
+    from reclmis_nb.demo import demo
     res = demo(tmp_path/'demo', preset='tiny', epochs=1, progress=False, n_train=8, n_valid=4, n_test=4, size=32)
     assert set(res['scores']) == {'true', 'shuffle', 'empty'}
     assert {'data', 'run', 'predictions.png', 'demo.json'} <= {p.name for p in (tmp_path/'demo').iterdir()}
@@ -157,9 +157,9 @@ def test_caption_variants_offered():
 
 def test_cache_flag(synth, tmp_path, capsys, monkeypatch):
     "`--cache-mb` reaches `train` as bytes (absent: the library's default); a negative size is refused in one line"
-    from reclmis_nb import learner
+    from reclmis_nb import distributed
     seen = []
-    monkeypatch.setattr(learner, 'train', lambda *a, **kw: seen.append(kw) or tmp_path)
+    monkeypatch.setattr(distributed, 'train_distributed', lambda *a, **kw: seen.append(kw) or tmp_path)
     for flag in (['--cache-mb', '0'], ['--cache-mb', '3'], []):
         assert cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--quiet', *flag)[0] == 0
     assert [kw.get('cache_bytes') for kw in seen] == [0, 3 * 2**20, None]

@@ -3,7 +3,7 @@ import csv, json, os, re, socket, subprocess, sys
 import pytest
 import torch
 
-from reclmis_nb.learner import evaluate
+from reclmis_nb.evaluation import evaluate
 
 KEYS = ('dice', 'iou', 'dice_global', 'iou_global')
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')

@@ -134,18 +134,18 @@ def test_resume_a_folder_without_checkpoint(run, tmp_path, capsys):
 
 def test_ctrl_c_says_how_to_resume(run, tmp_path, capsys, monkeypatch):
     "Ctrl-C in the second of three epochs: one line with the epoch, the checkpoint kept and the exact command"
-    import reclmis_nb.learner as learner
-    real = learner.EpochLR.before_epoch
+    import reclmis_nb.recipes as recipes
+    real = recipes.EpochLR.before_epoch
     def interrupt(self):
         if self.epoch == 1: raise KeyboardInterrupt
         real(self)
-    monkeypatch.setattr(learner.EpochLR, 'before_epoch', interrupt)
+    monkeypatch.setattr(recipes.EpochLR, 'before_epoch', interrupt)
     r = tmp_path/'r'
     rc, _, err = cli(capsys, 'train', '--data', run[1], '--preset', 'tiny', '--epochs', '3', '--out', r, '--quiet')
     assert rc == 130 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     assert 'epoch 2 of 3' in err and 'keeps the 1 finished epoch' in err
     command = err.strip().split('continue with: ')[1].split()
-    monkeypatch.setattr(learner.EpochLR, 'before_epoch', real)
+    monkeypatch.setattr(recipes.EpochLR, 'before_epoch', real)
     assert command[:3] == ['reclmis', 'train', '--resume'] and cli(capsys, *command[1:], '--quiet')[0] == 0
     assert torch.load(r/'last.pth', weights_only=True)['epochs_done'] == 3
 
@@ -189,9 +189,9 @@ def test_explain_all_or_nothing_and_one_glyph_notice(run, tmp_path, capsys, monk
     assert all(ch in err for ch in '左肺下叶')
 
 def test_predict_never_leaves_half_its_files(run, tmp_path, capsys, monkeypatch):
-    import reclmis_nb.learner as learner
+    import reclmis_nb.prediction as prediction
     image, out = sorted((run[1]/'images/test/images').iterdir())[0], tmp_path/'pred'
-    monkeypatch.setattr(learner, 'overlay', lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(prediction, 'overlay', lambda *a, **k: 1 / 0)
     rc, _, err = cli(capsys, 'predict', '--checkpoint', run[0]/'best.pth', image, '--text', TEXT, '--out', out)
     assert rc == 1 and one_error_line(err) and list(out.iterdir()) == []
 
@@ -204,14 +204,14 @@ def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
 
 @pytest.fixture(scope='module')
 def model_and_image(run):
-    from reclmis_nb.learner import load_checkpoint
+    from reclmis_nb.evaluation import load_checkpoint
     from reclmis_nb.images import load_image
     path = sorted((run[1]/'images/test/images').iterdir())[0]
     return load_checkpoint(run[0]/'best.pth')[0], load_image(path), path
 
 def test_predict_image_takes_what_notebooks_pass(model_and_image):
     "uint8 tensors, 0-255 floats, PIL, numpy, (H,W) and (1,3,H,W): handled, or refused by name; never silently wrong"
-    from reclmis_nb.learner import predict_image
+    from reclmis_nb.prediction import predict_image
     model, image, path = model_and_image
     ref = predict_image(model, image, TEXT)
     u8 = (image * 255).round().byte()

@@ -8,7 +8,8 @@ from PIL import Image
 from reclmis_nb.data import read_dataset
 from reclmis_nb.dataset import LangSegDataset
 from reclmis_nb.augment import swap_left_right
-from reclmis_nb.learner import train, load_checkpoint
+from reclmis_nb.training import train
+from reclmis_nb.evaluation import load_checkpoint
 from reclmis_nb.interpret import (explain, word_attributions, image_attributions, alignment, counterfactuals,
                                   AlignmentExplorer, tokenize_words, ZONE_BANDS)
 

@@ -3,8 +3,10 @@ import csv, math
 import pytest
 import torch
 
-from reclmis_nb import learner, baselines
-from reclmis_nb.learner import train, LossTermMissing, NonFiniteLoss, TINY_MODEL
+from reclmis_nb import training, evaluation, baselines
+from reclmis_nb.training import train
+from reclmis_nb.learner import LossTermMissing, NonFiniteLoss
+from reclmis_nb.recipes import TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -70,20 +72,20 @@ def test_baselines_train_resume_evaluate(arch, synth, tmp_path):
     ck = torch.load(run/'last.pth', weights_only=True)
     assert ck['epochs_done'] == 2 and ck['recipe']['arch'] == arch and ck['config']['arch'] == arch
     assert 'train_ccl' not in history(run)[0] and math.isfinite(float(history(run)[-1]['train_seg']))
-    model, info = learner.load_checkpoint(run)
+    model, info = evaluation.load_checkpoint(run)
     assert type(model).__name__ == {'unet': 'UNet', 'lvit': 'LViT'}[arch]
     assert (model.text_encoder is None) == (arch == 'unet')
-    res = learner.evaluate(run, synth, 'valid')
+    res = evaluation.evaluate(run, synth, 'valid')
     assert res['model'] == arch and res['n'] == 4 and 0 <= res['dice'] <= 1
 
 def test_train_without_text(synth, tmp_path, monkeypatch):
     "`text_ablation='empty'` trains on the empty sentence only, and evaluation keeps the run's ablation"
     tables = []
-    monkeypatch.setattr(learner, 'built_once', lambda path, build: tables.append(build()) or tables[-1])
+    monkeypatch.setattr(training.OneProcess, 'shared', lambda self, path, build: tables.append(build()) or tables[-1])
     run = train(synth, 'tiny', epochs=1, out=tmp_path/'run', device='cpu', progress=False, text_ablation='empty')
     assert [list(t) for t in tables] == [['']]   # the only sentence encoded for training and validation
-    assert learner.evaluate(run, synth, 'valid')['text_ablation'] == 'empty'
-    assert learner.evaluate(run, synth, 'valid', text_ablation='shuffle')['text_ablation'] == 'shuffle'
+    assert evaluation.evaluate(run, synth, 'valid')['text_ablation'] == 'empty'
+    assert evaluation.evaluate(run, synth, 'valid', text_ablation='shuffle')['text_ablation'] == 'shuffle'
 
 @pytest.mark.parametrize('field,value,match', [('arch', 'vit', "unknown model 'vit'"),
                                                ('text_ablation', 'none', "unknown text ablation 'none'")])
@@ -94,7 +96,7 @@ def test_bad_recipe_fields(field, value, match, synth, tmp_path):
 def test_cache_changes_no_number(synth, tmp_path):
     "Training with the item cache gives the weights and history of training without it, bit for bit"
     runs = {c: train(synth, 'tiny', epochs=2, out=tmp_path/f'cache{c}', device='cpu', progress=False, cache_bytes=c)
-            for c in (0, learner.CACHE_BYTES)}
+            for c in (0, training.CACHE_BYTES)}
     a, b = (torch.load(r/'last.pth', weights_only=True) for r in runs.values())
     assert a['model'].keys() == b['model'].keys()
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])

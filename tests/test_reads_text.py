@@ -23,7 +23,7 @@ model that ignores the text (gaps of 0.001) fails it. The empty-caption score is
 """
 import pytest
 
-from reclmis_nb.learner import demo
+from reclmis_nb.demo import demo
 
 SHUFFLED_MARGIN = 0.10   # true - shuffled Dice (worst seed 0.24)
 EMPTY_MARGIN = 0.10      # true - empty Dice (worst seed 0.37)

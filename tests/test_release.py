@@ -1,6 +1,6 @@
 """The authors' checkpoint format against the release's own outputs (../shared/release-parity, made by running the
 release's unmodified code): weights regenerated from each manifest, written in the release's exact dict layout,
-loaded through `learner.load_checkpoint`, every case run from its image file and caption string."""
+loaded through `evaluation.load_checkpoint`, every case run from its image file and caption string."""
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -9,7 +9,8 @@ import torch
 
 from reclmis_nb.cli import main
 from reclmis_nb.images import load_image, load_mask
-from reclmis_nb.learner import load_checkpoint, predict_probs
+from reclmis_nb.evaluation import load_checkpoint
+from reclmis_nb.prediction import predict_probs
 from reclmis_nb.release import (CheckpointError, read_checkpoint, load_release, release_arrays, release_resize_pair, model_input,
                                 release_training_forward)
 

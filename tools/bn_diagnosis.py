@@ -21,7 +21,9 @@ def main(argv=None):
     ap.add_argument('--batches', type=int, default=41); ap.add_argument('--threads', type=int, default=2)
     a = ap.parse_args(argv)
     import torch
-    from reclmis_nb.learner import load_checkpoint, score, CaptionFeatures, WithTextFeatures, recompute_bn
+    from reclmis_nb.evaluation import load_checkpoint, score
+    from reclmis_nb.batches import CaptionFeatures, WithTextFeatures
+    from reclmis_nb.learner import recompute_bn
     from reclmis_nb.data import read_dataset
     from reclmis_nb.dataset import LangSegDataset
     from reclmis_nb.release import model_input

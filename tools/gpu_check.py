@@ -15,12 +15,12 @@ stop the later steps that do not need it):
   offline) at the recipe's batch: images/s, MACs/s, their ratios to the device's matmul rate, peak memory;
 - loader: the learner's own data loaders (`text_dls`: workers, pinned memory with CUDA) read one training epoch
   alone; images/s against the training step's, so a loader that starves the GPU shows;
-- train_epoch: `learner.train` for one epoch of that architecture on the dataset (the learner's bf16 autocast and
+- train_epoch: `training.train` for one epoch of that architecture on the dataset (the learner's bf16 autocast and
   channels_last on CUDA); seconds, images/s, validation Dice, the loss terms;
 - cpu_reload: the run's best.pth loaded back on the CPU (`load_checkpoint(..., 'cpu')`) and scored there and on
   the device, on the same validation images;
 - compile (with --compile [BACKEND]): `bench_model` with `torch.compile`, against the eager figures of `bench`;
-- distributed: two processes of `learner.train` under torchrun, NCCL on two GPUs (skipped, with the reason, when
+- distributed: two processes of `distributed.train_distributed` under torchrun, NCCL on two GPUs (skipped, with the reason, when
   there are fewer); in the dry run two gloo processes on the CPU, the same code but for the backend.
 
 The JSON (`--out`) is rewritten after every step, so a run stopped by a time limit keeps what it measured.
@@ -79,7 +79,8 @@ class Check:
     "The state shared by the steps: sizes, device, data, the results so far"
     def __init__(self, a):
         import torch
-        from reclmis_nb.learner import pick_device, get_recipe, TINY_MODEL
+        from reclmis_nb.learner import pick_device
+        from reclmis_nb.recipes import get_recipe, TINY_MODEL
         self.a, self.torch = a, torch
         self.device = pick_device(a.device or 'cuda')
         self.work = Path(a.work or tempfile.mkdtemp(prefix='gpu_check-'))
@@ -161,7 +162,7 @@ def smoke(c):
     torch, dev = c.torch, c.device
     from reclmis_nb.model import RecLMIS, get_preset
     from reclmis_nb.metrics import seg_loss
-    from reclmis_nb.learner import TINY_MODEL
+    from reclmis_nb.recipes import TINY_MODEL
     torch.manual_seed(0)
     model = RecLMIS(get_preset('small', **TINY_MODEL), verbose=False).to(dev).train()
     S, B = model.cfg.image_size, 4
@@ -204,7 +205,9 @@ def loader(c):
     "The learner's loaders over one training epoch, without the model: can they feed the step?"
     from reclmis_nb.data import read_dataset
     from reclmis_nb.dataset import LangSegDataset
-    from reclmis_nb.learner import CaptionFeatures, text_dls, get_recipe, _train_captions
+    from reclmis_nb.batches import CaptionFeatures, text_dls
+    from reclmis_nb.recipes import get_recipe
+    from reclmis_nb.training import _train_captions
     from reclmis_nb.text import TextEncoder
     cfg, recipe = c.cfg, get_recipe('qata')
     index = read_dataset(c.data())
@@ -227,7 +230,7 @@ def loader(c):
 
 
 def train_epoch(c):
-    from reclmis_nb.learner import train
+    from reclmis_nb.training import train
     import csv
     root = c.data()
     t0 = time.perf_counter()
@@ -246,7 +249,7 @@ def cpu_reload(c):
     "best.pth loaded on the CPU: every tensor there, and the same validation images scored on both devices"
     c.needs('train_epoch')
     torch = c.torch
-    from reclmis_nb.learner import load_checkpoint, score
+    from reclmis_nb.evaluation import load_checkpoint, score
     from reclmis_nb.data import read_dataset
     from reclmis_nb.dataset import LangSegDataset
     model, info = load_checkpoint(c.run_dir/'best.pth', 'cpu')
@@ -279,7 +282,7 @@ def compile_step(c):
 
 
 def distributed(c):
-    "Two ranks of `learner.train` under torchrun: NCCL on two GPUs, gloo on the CPU in the dry run"
+    "Two ranks of `distributed.train_distributed` under torchrun: NCCL on two GPUs, gloo on the CPU in the dry run"
     torch = c.torch
     if c.device.type == 'cuda':
         n = torch.cuda.device_count()
@@ -303,9 +306,9 @@ def distributed(c):
 
 def worker(spec):
     "One rank of the distributed step"
-    from reclmis_nb.learner import train
+    from reclmis_nb.distributed import train_distributed
     spec = json.loads(spec)
-    train(spec.pop('root'), spec.pop('preset'), **spec)
+    train_distributed(spec.pop('root'), spec.pop('preset'), **spec)
 
 
 def main(argv=None):

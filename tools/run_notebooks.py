@@ -1,7 +1,7 @@
 """Re-execute notebooks with every cell, `#| slow` ones included, and save their outputs in place.
 
     python tools/run_notebooks.py                      # every notebook in nbs/ (not the tutorials)
-    python tools/run_notebooks.py nbs/10_learner.ipynb nbs/tutorials/qata_cpu.ipynb
+    python tools/run_notebooks.py nbs/10d_training.ipynb nbs/tutorials/qata_cpu.ipynb
 
 Each notebook runs in its own folder in a fresh kernel, without `IN_TEST` (so the full-size paths run), offline
 (`HF_HUB_OFFLINE=1`). Cells flagged `#| eval: false` are never run, `#| gpu` ones only when CUDA is available;

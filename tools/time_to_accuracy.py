@@ -5,7 +5,7 @@ target and how far it ever fell below its best so far.
     python tools/time_to_accuracy.py DATA [--preset small] [--seeds 3407 1 2] [--threads 2] [--target 0.75]
                                      [--set warmup=1 clip=1.0 ...] [--out DIR] [--json]
 
-Each seed is one `learner.train` run (`reclmis train --data DATA --preset P` with `seed` and the `--set` recipe
+Each seed is one `training.train` run (`reclmis train --data DATA --preset P` with `seed` and the `--set` recipe
 fields changed), in DIR/seed-<seed> (default runs/tta-<preset>-<timestamp>). The runs go one after the other, so
 each has the machine to itself; the figures are the runs' own `history.csv` (validation Dice and wall seconds of
 every epoch, validation included). "Seconds to target" is the sum of the epochs' seconds up to the first epoch
@@ -50,7 +50,8 @@ def parse_sets(items):
 
 def run_seed(data, preset, seed, out, sets):
     "The run folder of `seed`: trained, resumed, or (finished) left as it is"
-    from reclmis_nb.learner import train, read_checkpoint
+    from reclmis_nb.training import train
+    from reclmis_nb.release import read_checkpoint
     last = out/'last.pth'
     if last.exists():
         ck = read_checkpoint(last)
@@ -71,7 +72,7 @@ def main(argv=None):
     ap.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     a = ap.parse_args(argv)
     try:
-        from reclmis_nb.learner import get_recipe
+        from reclmis_nb.recipes import get_recipe
         sets = parse_sets(a.set)
         if 'seed' in sets: raise ValueError('--set seed=...: give the seeds with --seeds')
         get_recipe(a.preset, **sets)  # refuses an unknown preset or field now

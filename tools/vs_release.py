@@ -10,7 +10,7 @@ own code does it, on the same images, masks and CLIP token ids:
 
 - training step, batch 2: forward, losses, backward, Adam step. Ours: `model.total_loss(model(images, E_clip,
   mask), masks)` with the frozen text features computed once (the learner caches them per caption) and the
-  learner's optimizer (`learner.torch_adam`); the release, with `torch.optim.Adam` as its `train_model.py`:
+  learner's optimizer (`recipes.torch_adam`); the release, with `torch.optim.Adam` as its `train_model.py`:
   `model(images, masks, tokens, token_mask)` (CLIP inside, its auxiliary branch on), `WeightedDiceBCE(0.5, 0.5)` and
   the weighted sum of its config's `loss_weight`, as its `Train_one_epoch.py` does;
 - inference, batch 1, under `torch.no_grad()`: ours `model(image, text_encoder(ids, mask), mask)` in eval mode, the
@@ -123,7 +123,7 @@ def build(a, folder):
         fail(3, f'the release needs the package {e.name!r}, which {sys.executable} lacks: make the venv the docstring '
                 'of tools/vs_release.py describes and run the script with its python')
     from reclmis_nb.model import RecLMIS, get_preset
-    from reclmis_nb.learner import torch_adam
+    from reclmis_nb.recipes import torch_adam
     torch.manual_seed(0); np.random.seed(0)
     ours = RecLMIS(get_preset(a.config, text_pretrained=False), verbose=False)
     te = ours.text_encoder
