@@ -106,7 +106,7 @@ def cmd_train(args):
         from reclmis_nb.distributed import torchrun_command
         return subprocess.call(torchrun_command(args.distributed, args.argv))
     over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation),
-                                              ('precise_bn', args.precise_bn)) if v is not None}
+                                              ('precise_bn', args.precise_bn), ('cpu_bf16', args.cpu_bf16)) if v is not None}
     if args.model is not None or args.resume is None: over['arch'] = args.model or 'reclmis'
     if args.loss_weight or args.as_released:
         if over['arch'] != 'reclmis':
@@ -145,6 +145,8 @@ def add_train(sub):
     tr.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='train and score without the text (ablation)')
     tr.add_argument('--precise-bn', type=at_least_0, metavar='N', help='validate with BatchNorm statistics recomputed over N train '
                     "batches (default: the preset's, 20 for small; 0: the running averages, as the release)")
+    tr.add_argument('--cpu-bf16', action=argparse.BooleanOptionalAction, help='on a CPU with bf16 instructions (AVX512-BF16, AMX), '
+                    "train in bf16 autocast (default: the preset's, on for small; float32 on other CPUs either way)")
     tr.add_argument('--distributed', type=at_least_1, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')
     tr.add_argument('--resume', type=Path, help='run folder of an interrupted run to continue')
@@ -294,13 +296,14 @@ def add_profile(sub):
 
 # %% ../nbs/90_cli.ipynb #5f42f823
 def cmd_bench(args):
-    "Training and inference images/s of a preset on this machine, against its own matmul rate (JSON with --json)"
+    "Training and inference images/s of a preset on this machine, in the precision it trains in, against its own matmul rate (JSON with --json)"
     from reclmis_nb.recipes import get_recipe, recipe_config
-    from reclmis_nb.learner import pick_device
+    from reclmis_nb.learner import pick_device, trains_in_bf16
     from reclmis_nb.profile import bench_model, format_bench
-    recipe = get_recipe(args.preset)
-    res = bench_model(recipe_config(recipe), bs=args.bs or recipe.bs, device=pick_device(args.device), reps=args.reps,
-                      warmup=args.warmup, matmul_n=args.matmul_n, compile=args.compile)
+    recipe = get_recipe(args.preset, **({} if args.cpu_bf16 is None else dict(cpu_bf16=args.cpu_bf16)))
+    device = pick_device(args.device)
+    res = bench_model(recipe_config(recipe), bs=args.bs or recipe.bs, device=device, reps=args.reps, warmup=args.warmup,
+                      matmul_n=args.matmul_n, compile=args.compile, bf16=trains_in_bf16(recipe, device))
     print(json.dumps(res) if args.json else format_bench(res))
     return 0
 
@@ -316,6 +319,8 @@ def add_bench(sub):
     bn.add_argument('--matmul-n', type=at_least_1, default=4096, help='side of the matrix product that measures the machine (default 4096)')
     bn.add_argument('--compile', nargs='?', const='inductor', metavar='BACKEND',
                     help='time torch.compile(model, backend=BACKEND) instead of the eager model (BACKEND default inductor)')
+    bn.add_argument('--cpu-bf16', action=argparse.BooleanOptionalAction, help='in bf16 autocast on a CPU with bf16 instructions, '
+                    "as `reclmis train` trains (default: the preset's, on for small)")
     bn.add_argument('--device', **SHARED_FLAGS['--device'])
     bn.add_argument('--json', action='store_true', help='print one JSON object')
     bn.set_defaults(func=cmd_bench)

@@ -6,7 +6,8 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/learner.html.md"""
 
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'SEG_KEYS', 'LossTermMissing', 'NonFiniteLoss', 'RecLMISObjective', 'SegScore', 'seg_metrics',
-           'recompute_bn', 'PreciseBN', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'recl_learner']
+           'recompute_bn', 'PreciseBN', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'native_bf16',
+           'trains_in_bf16', 'BF16Training', 'recl_learner']
 
 # %% ../nbs/10b_learner.ipynb #20eb0a00
 import contextlib, random
@@ -17,7 +18,10 @@ from fastai.basics import Learner, Callback, Metric, ValueMetric, CancelFitExcep
 from fastai.torch_core import get_model
 from fastai.callback.training import GradientClip
 from fastai.callback.progress import ProgressCallback
-import fastai.callback.progress, fastai.callback.channelslast  # noqa: F401 (`no_bar`, `to_channelslast`)
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.channelslast import ChannelsLast
+from fastcore.foundation import L
+import fastai.callback.progress  # noqa: F401 (`no_bar`)
 
 from .metrics import seg_loss, SegScoreAccumulator
 from .recipes import EpochLR, torch_adam
@@ -181,6 +185,32 @@ def _autocast(device):
     "bf16 autocast on CUDA; nothing on other devices"
     return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
 
+# %% ../nbs/10b_learner.ipynb #a415948d
+def native_bf16():
+    "Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), on which oneDNN runs bf16 convolutions and matrix products natively"
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+# %% ../nbs/10b_learner.ipynb #7e5ee8cc
+def trains_in_bf16(recipe, # a `Recipe`
+                   device, # the torch device of the run
+                  ):
+    "bf16 autocast with channels-last maps: on CUDA; on the CPU when the recipe asks (`cpu_bf16`) and `native_bf16()`"
+    return device.type == 'cuda' or (device.type == 'cpu' and recipe.cpu_bf16 and native_bf16())
+
+
+# %% ../nbs/10b_learner.ipynb #505d7d6d
+class BF16Training(MixedPrecision):
+    "fastai's `MixedPrecision` in bf16 on the learner's device, CUDA or CPU; no gradient scaling"
+    name = 'mixed_precision'  # fastai's attribute name for mixed precision: `learn.mixed_precision`
+    def __init__(self): super().__init__('bf16')
+    def before_fit(self):
+        kind = self.dls.device.type
+        if kind == 'cuda' and not torch.cuda.is_bf16_supported(): raise ValueError('this GPU does not support bf16: train on the CPU or a newer GPU')
+        self.autocast = torch.autocast(kind, dtype=torch.bfloat16)
+        self.learn.scaler, self.scales = torch.amp.GradScaler(kind, enabled=False), L()
+
+
 # %% ../nbs/10b_learner.ipynb #c66d05bd
 def recl_learner(model,        # a `RecLMIS` (or any model returning the same dict)
                  dls,          # from `text_dls`
@@ -192,5 +222,5 @@ def recl_learner(model,        # a `RecLMIS` (or any model returning the same di
     extra = ([GradientClip(recipe.clip)] if recipe.clip else []) + ([PreciseBN(recipe.precise_bn)] if recipe.precise_bn else [])
     learn = RecLMISLearner(dls, model, loss_func=seg_loss, opt_func=torch_adam, lr=recipe.lr,
                            cbs=[obj, EpochLR(recipe), *extra, *cbs], metrics=seg_metrics() + obj.metrics())
-    if dls.device.type == 'cuda': learn.to_channelslast(amp_mode='bf16')
+    if trains_in_bf16(recipe, dls.device): learn.add_cbs([ChannelsLast(), BF16Training()])
     return learn

@@ -228,6 +228,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
                 warmup:int=1,          # untimed calls first; the first training step and inference are the ones counted
                 matmul_n:int=4096,     # side of the matrix product that measures the device's rate
                 compile:str|None=None, # `torch.compile` backend of the timed calls ('inductor', 'aot_eager'); None: eager
+                bf16:bool|None=None,   # bf16 autocast with channels-last maps; None: on CUDA only (as `recl_learner` trains by default)
                 text_encoder:nn.Module|None=None, # reuse a built text encoder (random weights are fine)
                 sentence:str='Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.',
                ):
@@ -239,7 +240,9 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     torch.manual_seed(0)
     model = model_from_config(cfg, text_encoder)
     feats, am = model.text_encoder.encode([sentence])
-    layout = torch.channels_last if device.type == 'cuda' else torch.contiguous_format  # as `recl_learner` trains
+    bf16 = device.type == 'cuda' if bf16 is None else bf16
+    layout = torch.channels_last if bf16 else torch.contiguous_format  # as `recl_learner` trains
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model.to(device, memory_format=layout)
     S, g = cfg.image_size, torch.Generator().manual_seed(0)
     images = torch.rand(bs, 3, S, S, generator=g).to(device, memory_format=layout)
@@ -248,11 +251,11 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     opt = torch_adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     def train_step(m):
         opt.zero_grad()
-        with _autocast(device): loss = model.total_loss(m(images, feats, am), masks)
+        with amp(): loss = model.total_loss(m(images, feats, am), masks)
         loss.backward()
         opt.step()
     def infer(m):
-        with torch.inference_mode(), _autocast(device): m(images, feats, am)
+        with torch.inference_mode(), amp(): m(images, feats, am)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     train_macs = _macs(train_step, model.train())
     infer_macs = _macs(infer, model.eval())
@@ -266,9 +269,9 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     model.eval(); t_infer = _median_seconds(lambda: infer(run), reps, warmup - 1, device)
     mem, mem_kind = peak_memory(device)
     rate = matmul_rate(device, matmul_n, reps)
-    if device.type == 'cuda': res['matmul_bf16_macs_per_s'] = matmul_rate(device, matmul_n, reps, torch.bfloat16)
+    if bf16: res['matmul_bf16_macs_per_s'] = matmul_rate(device, matmul_n, reps, torch.bfloat16)
     return dict(preset=cfg.name, image_size=S, bs=bs, device=str(device), device_name=device_name(device),
-                threads=torch.get_num_threads(), precision='bf16 autocast' if device.type == 'cuda' else 'float32',
+                threads=torch.get_num_threads(), precision='bf16 autocast' if bf16 else 'float32',
                 compile=compile, train_step_s=t_train, infer_batch_s=t_infer,
                 train_images_per_s=bs / t_train, infer_images_per_s=bs / t_infer, train_macs=train_macs, infer_macs=infer_macs,
                 train_macs_per_s=train_macs / t_train, infer_macs_per_s=infer_macs / t_infer, matmul_macs_per_s=rate,

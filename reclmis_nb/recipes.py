@@ -33,6 +33,7 @@ class Recipe:
     floor: float = 0.1              # decay: smallest multiple of `lr`
     warmup: float = 0               # epochs of linear per-batch warm-up from 0 to the schedule's rate (0: none)
     clip: float = 0                 # largest gradient norm, fastai's `GradientClip` (0: no clipping)
+    cpu_bf16: bool = False          # on a CPU with bf16 instructions (AVX512-BF16, AMX): bf16 autocast and channels-last maps, as on CUDA
     precise_bn: int = 0             # train batches over which BatchNorm statistics are recomputed before each validation (`PreciseBN`; 0: running averages)
     patience: int = 0               # stop after this many epochs without a better validation Dice (0: never)
     seed: int = 3407                # random seed of the run
@@ -42,7 +43,7 @@ class Recipe:
     baseline_overrides: dict = field(default_factory=dict)  # `BaselineConfig` fields to change (arch 'unet', 'lvit')
     text_ablation: str|None = None  # train (and validate) with 'empty' or 'shuffle'd sentences: the no-text ablation
 
-TRAINING_AIDS = ('warmup', 'clip', 'precise_bn')  # recipe fields off (0) unless a recipe turns them on
+TRAINING_AIDS = ('warmup', 'clip', 'cpu_bf16', 'precise_bn')  # recipe fields off (0, False) unless a recipe turns them on
 
 # %% ../nbs/10_recipes.ipynb #0998a522
 ARCHS = ('reclmis', 'unet', 'lvit')   # the models a recipe can train
@@ -54,7 +55,7 @@ TINY_BASELINE = dict(image_size=32, widths=(4, 8, 16, 32, 32), vit_grid=4, heads
 RECIPES = {
     'qata':   Recipe('qata', 'qata', epochs=2000, bs=32, schedule='cosine', patience=100),
     'mosmed': Recipe('mosmed', 'mosmed', epochs=400, bs=20, schedule='decay', patience=30),
-    'small':  Recipe('small', 'small', epochs=8, bs=16, lr=1e-3, schedule='cosine', period=0, augment=None, precise_bn=20),
+    'small':  Recipe('small', 'small', epochs=8, bs=16, lr=1e-3, schedule='cosine', period=0, augment=None, precise_bn=20, cpu_bf16=True),
     'demo':   Recipe('demo', 'small', epochs=8, bs=8, lr=2e-3, schedule='cosine', period=0, model_overrides=dict(image_size=64, canonical_text=False),
                       baseline_overrides=dict(image_size=64)),
     'tiny':   Recipe('tiny', 'small', epochs=2, bs=4, schedule='constant', augment=None, model_overrides=TINY_MODEL,

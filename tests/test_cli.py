@@ -171,3 +171,10 @@ def test_precise_bn_refuses_a_bad_count(value, synth, tmp_path, capsys):
     "One line from argparse, before any folder or batch"
     rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--precise-bn', value, '--out', tmp_path/'run')
     assert rc == 2 and f"{value!r}: give a whole number >= 0 (0: off)" in err and not (tmp_path/'run').exists()
+
+@pytest.mark.parametrize('flag, want', [('--cpu-bf16', True), ('--no-cpu-bf16', False)])
+def test_cpu_bf16_flag_reaches_the_recipe(flag, want, synth, tmp_path, capsys):
+    "`reclmis train --cpu-bf16/--no-cpu-bf16` sets the recipe's `cpu_bf16`, saved with the run"
+    rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', flag, '--out', tmp_path/'run', '--quiet')
+    assert rc == 0, err
+    assert json.loads((tmp_path/'run'/'run.json').read_text())['recipe']['cpu_bf16'] is want

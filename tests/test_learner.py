@@ -3,9 +3,11 @@ import csv, math
 import pytest
 import torch
 
-from reclmis_nb import training, evaluation, baselines
+from fastai.basics import Callback
+
+from reclmis_nb import training, evaluation, baselines, learner
 from reclmis_nb.training import train
-from reclmis_nb.learner import LossTermMissing, NonFiniteLoss
+from reclmis_nb.learner import LossTermMissing, NonFiniteLoss, RecLMISObjective
 from reclmis_nb.recipes import TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
@@ -116,3 +118,26 @@ def test_precise_bn_resumes_and_trains_the_same_weights(synth, tmp_path):
     assert all(torch.equal(whole['model'][k], cut['model'][k]) for k in whole['model'])
     drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
     assert drop(whole['history']) == drop(cut['history']) and whole['recipe']['precise_bn'] == 2
+
+class Dtypes(Callback):
+    "The dtype of the first convolution's output and of the loss in the last train batch, and of the weights' gradients"
+    order = RecLMISObjective.order + 1
+    def before_fit(self):
+        conv = next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: setattr(self, 'conv', o.dtype) if m.training else None)
+    def after_loss(self):
+        if self.training: self.loss_dtype = self.learn.loss.dtype
+    def after_backward(self): self.grads = {p.grad.dtype for p in self.learn.model.parameters() if p.grad is not None}
+
+@pytest.mark.parametrize('native', [True, False])
+def test_cpu_bf16_trains_in_bf16_only_where_the_cpu_has_it(native, synth, tmp_path, monkeypatch, capsys):
+    "`cpu_bf16`: bf16 convolutions, float32 loss/gradients/checkpoint on a CPU with bf16 instructions; float32, said, on others"
+    monkeypatch.setattr(learner, 'native_bf16', lambda: native)  # bf16 autocast runs on any CPU (emulated without the instructions)
+    probe = Dtypes()
+    run = train(synth, 'tiny', epochs=1, out=tmp_path/'run', device='cpu', progress=False, cpu_bf16=True, cbs=[probe])
+    first = capsys.readouterr().out
+    assert probe.conv == (torch.bfloat16 if native else torch.float32)
+    assert (probe.loss_dtype, probe.grads) == (torch.float32, {torch.float32})
+    assert ('precision: bf16 autocast' in first) == native and ('no bf16 instructions' in first) == (not native)
+    ck = torch.load(run/'last.pth', weights_only=True)
+    assert ck['recipe']['cpu_bf16'] is True and {v.dtype for v in ck['model'].values() if v.is_floating_point()} == {torch.float32}
