@@ -189,7 +189,7 @@ def add_eval(sub):
     ev.add_argument('--native-grid', action='store_true', help="score on each mask's native size")
     ev.add_argument('--text-ablation', choices=['shuffle', 'empty'], help='replace the sentences to test the text path')
     ev.add_argument('--captions', choices=['sgseg', 'lvit', 'noisy', 'lvit-noisy'],
-                    help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (data.CAPTION_VARIANTS)")
+                    help="reword QaTa sentences from their zones: SGSeg's, LViT's, with noise (captions.CAPTION_VARIANTS)")
     ev.add_argument('--canonical', **SHARED_FLAGS['--canonical'])
     ev.add_argument('--json', action='store_true', help='print one JSON object')
     ev.add_argument('--bs', type=at_least_1, default=16, help='images per forward (1 is faster on a small CPU)')

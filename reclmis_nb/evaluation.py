@@ -71,7 +71,7 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
              split='test',        # 'train', 'valid' or 'test'
              native_grid=False,   # upsample predictions to each mask's native size before scoring
              text_ablation=None,  # 'shuffle' or 'empty'; None: the run's own (none, unless trained without text)
-             captions=None,       # a key of `data.CAPTION_VARIANTS`: the sentences reworded first; None: as they are
+             captions=None,       # a key of `captions.CAPTION_VARIANTS`: the sentences reworded first; None: as they are
              canonical=None,      # True/False: the model reads sentences canonically / as written; None: as trained
              device=None, bs=16, seed=3407):
     "Scores of a checkpoint on a split, with its preset and how they were obtained"

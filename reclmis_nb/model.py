@@ -49,7 +49,7 @@ class RecLMISConfig:
     interaction_text_residual:bool = False # release: E'' is the text-to-vision attention alone, E is not added back
     mask_mode:str = 'sample' # conditioned masking: 'sample' in proportion to W_poi/W_woi (paper), 'topk' the heaviest (release's switch)
     pipeline:str = 'library' # input preparation: 'library' (ours) or 'release' (BGR, cv2 resize, ' EOF XXX'; see 07a_release)
-    canonical_text:bool = False # read every sentence in SGSeg's wording of the zones it names (data.canonical_caption)
+    canonical_text:bool = False # read every sentence in SGSeg's wording of the zones it names (captions.canonical_caption)
 
     def __post_init__(self):
         self.widths = tuple(self.widths)

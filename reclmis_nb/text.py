@@ -191,7 +191,7 @@ class TextEncoder(nn.Module):
                  dim=512,              # width of the returned features; a frozen projection maps to it if needed
                  pretrained=True,      # False: the preset's architecture with seeded random weights
                  path=None,            # a folder with the preset's files, instead of its hub id / bundled copy
-                 canonical=False,      # read each sentence as `data.canonical_caption` rewrites it (the zones it names)
+                 canonical=False,      # read each sentence as `captions.canonical_caption` rewrites it (the zones it names)
                 ):
         super().__init__()
         if name in TEXT_PRESETS: backbone, self.tokenizer = TEXT_PRESETS[name](pretrained, path)

@@ -149,7 +149,7 @@ def test_profile_model_json(capsys):
     assert rows['unet']['params']['text_encoder'] == 0 < rows['lvit']['params']['text_encoder']
 
 def test_caption_variants_offered():
-    "`eval --captions` offers exactly the wordings `data.CAPTION_VARIANTS` renders"
+    "`eval --captions` offers exactly the wordings `captions.CAPTION_VARIANTS` renders"
     from reclmis_nb.cli import build_parser
     from reclmis_nb.captions import CAPTION_VARIANTS
     ev = build_parser()._subparsers._group_actions[0].choices['eval']
