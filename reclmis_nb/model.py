@@ -12,6 +12,7 @@ __all__ = ['PRESETS', 'RELEASE_SWITCHES', 'INFERENCE_PARTS', 'TRAINING_PARTS', '
 from dataclasses import dataclass, field, replace, fields
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .vision import UNetEncoder, UNetDecoder
 from .interaction import TextAdapter, ConditionedInteraction
 from .reconstruction import (PatchesOfInterest, WordsOfInterest, ConditionedReconstruction,
@@ -126,64 +127,59 @@ class RecLMIS(LanguageGuidedModel):
         self.rec_vision, self.rec_language = ConditionedReconstruction(**rec), ConditionedReconstruction(**rec)
         if verbose: print(self.summary())
 
-    def summary(self):
-        "The configuration and parameter totals, as printed at construction"
-        c = self.cfg
-        infer = sum(n_params(getattr(self, k)) for k in INFERENCE_PARTS)
-        te = f"{c.text_encoder} ({c.max_tokens} tokens, {'pretrained' if c.text_pretrained else 'random'}, frozen)"
-        switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target',
-                                                      'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual',
-                                                      'mask_mode', 'pipeline', 'canonical_text'))
-        return (f'RecLMIS preset {c.name!r}: {c.image_size}x{c.image_size}, widths {c.widths}, dim {c.dim}, heads {c.heads}, text {te}\n'
-                f'  reconstruction: {c.recon_layers} layers/stack, ffn {c.recon_ffn}, mask rate image {c.image_mask_rate} '
-                f'text {c.text_mask_rate}, POI/WOI dropout {c.interest_dropout}, loss weights {c.loss_weights}\n'
-                f'  switches: {switches}\n'
-                f'  parameters: inference path {infer:,} (without text encoder), trainable {n_params(self, True):,}, '
-                f'frozen text encoder {n_params(self.text_encoder):,}')
+# %% ../nbs/07_model.ipynb #dae98f6c
+@patch
+def summary(self:RecLMIS):
+    "The configuration and parameter totals, as printed at construction"
+    c = self.cfg
+    infer = sum(n_params(getattr(self, k)) for k in INFERENCE_PARTS)
+    te = f"{c.text_encoder} ({c.max_tokens} tokens, {'pretrained' if c.text_pretrained else 'random'}, frozen)"
+    switches = ' '.join(f'{k}={getattr(c, k)}' for k in ('ccl_double_softmax', 'recon_causal', 'bottleneck_residual', 'detach_vision_target',
+                                                  'pos_embed_init', 'interaction_key_mask', 'interaction_text_residual',
+                                                  'mask_mode', 'pipeline', 'canonical_text'))
+    return (f'RecLMIS preset {c.name!r}: {c.image_size}x{c.image_size}, widths {c.widths}, dim {c.dim}, heads {c.heads}, text {te}\n'
+            f'  reconstruction: {c.recon_layers} layers/stack, ffn {c.recon_ffn}, mask rate image {c.image_mask_rate} '
+            f'text {c.text_mask_rate}, POI/WOI dropout {c.interest_dropout}, loss weights {c.loss_weights}\n'
+            f'  switches: {switches}\n'
+            f'  parameters: inference path {infer:,} (without text encoder), trainable {n_params(self, True):,}, '
+            f'frozen text encoder {n_params(self.text_encoder):,}')
 
-    def forward(self,
-                image, # (B, 3, S, S) float in [0, 1]
-                text, # (B, T, dim) frozen text features E_clip
-                text_mask, # (B, T) 1 for real tokens, 0 for padding
-               ):
-        "eval: {'logits', 'attn_t2v', 'attn_v2t'}; train: also {'W_poi', 'W_woi', 'loss_ccl', 'loss_v2t', 'loss_t2v'}"
-        if text.ndim != 3 or text.shape[-1] != self.cfg.dim or text.shape[:2] != text_mask.shape or len(text) != len(image):
-            raise ValueError(f'RecLMIS: text features {tuple(text.shape)} and mask {tuple(text_mask.shape)} do not fit '
-                             f'{len(image)} images and dim={self.cfg.dim}: pass text_encoder.encode(sentences)')
-        if not self.training: image = image.contiguous(memory_format=torch.channels_last)  # NHWC maps: faster convolutions
-        x1, f1, f2, f3, f4 = self.encoder(image)
-        E = self.adapter(text)
-        inter = self.interaction(f4, E, text_mask)
-        V_prime = inter['V_prime']
-        bottleneck = V_prime.transpose(1, 2).reshape(f4.shape)
-        if self.cfg.bottleneck_residual: bottleneck = bottleneck + f4
-        out = dict(logits=self.head(self.decoder(bottleneck, [x1, f1, f2, f3])),
-                   attn_t2v=inter['attn_t2v'], attn_v2t=inter['attn_v2t'])
-        if self.training: out.update(self.auxiliary_losses(text, E, f4, V_prime, inter['E_prime'], text_mask))
-        return out
+# %% ../nbs/07_model.ipynb #885f24aa
+@patch
+def forward(self:RecLMIS,
+            image, # (B, 3, S, S) float in [0, 1]
+            text, # (B, T, dim) frozen text features E_clip
+            text_mask, # (B, T) 1 for real tokens, 0 for padding
+           ):
+    "eval: {'logits', 'attn_t2v', 'attn_v2t'}; train: also {'W_poi', 'W_woi', 'loss_ccl', 'loss_v2t', 'loss_t2v'}"
+    if text.ndim != 3 or text.shape[-1] != self.cfg.dim or text.shape[:2] != text_mask.shape or len(text) != len(image):
+        raise ValueError(f'RecLMIS: text features {tuple(text.shape)} and mask {tuple(text_mask.shape)} do not fit '
+                         f'{len(image)} images and dim={self.cfg.dim}: pass text_encoder.encode(sentences)')
+    if not self.training: image = image.contiguous(memory_format=torch.channels_last)  # NHWC maps: faster convolutions
+    x1, f1, f2, f3, f4 = self.encoder(image)
+    E = self.adapter(text)
+    inter = self.interaction(f4, E, text_mask)
+    V_prime = inter['V_prime']
+    bottleneck = V_prime.transpose(1, 2).reshape(f4.shape)
+    if self.cfg.bottleneck_residual: bottleneck = bottleneck + f4
+    out = dict(logits=self.head(self.decoder(bottleneck, [x1, f1, f2, f3])),
+               attn_t2v=inter['attn_t2v'], attn_v2t=inter['attn_v2t'])
+    if self.training: out.update(self.auxiliary_losses(text, E, f4, V_prime, inter['E_prime'], text_mask))
+    return out
 
-    def auxiliary_losses(self, E_clip, E, f4, V_prime, E_prime, text_mask):
-        "Training only: W_poi, W_woi, L_CCL, L_V2T (rebuild E_clip) and L_T2V (rebuild V')"
-        c = self.cfg
-        V = f4.flatten(2).transpose(1, 2)
-        W_poi, W_woi = self.poi(V_prime), self.woi(E_prime, text_mask)
-        loss_t2v, loss_v2t = reconstruction_losses(V, V_prime, E, E_clip, text_mask, W_poi, W_woi,
-                                                   self.rec_vision, self.rec_language, c.image_mask_rate,
-                                                   c.text_mask_rate, c.detach_vision_target, mask_mode=c.mask_mode)
-        loss_ccl = conditioned_contrastive_loss(E, V, text_mask, W_woi, W_poi, self.text_encoder.logit_scale,
-                                                c.ccl_double_softmax)
-        return dict(W_poi=W_poi, W_woi=W_woi, loss_ccl=loss_ccl, loss_v2t=loss_v2t, loss_t2v=loss_t2v)
-
-    def total_loss(self,
-                   out:dict, # a forward's output
-                   mask, # (B, 1, S, S) target masks in {0, 1}
-                  ):
-        "L = 5 L_seg + 0.2 L_CCL + L_V2T + L_T2V (the auxiliary terms only when `out` has them)"
-        w = self.cfg.loss_weights
-        loss = w['seg'] * seg_loss(out['logits'], mask)
-        for k in ('ccl', 'v2t', 't2v'):
-            if f'loss_{k}' in out: loss = loss + w[k] * out[f'loss_{k}']
-        return loss
+# %% ../nbs/07_model.ipynb #509ef2c7
+@patch
+def auxiliary_losses(self:RecLMIS, E_clip, E, f4, V_prime, E_prime, text_mask):
+    "Training only: W_poi, W_woi, L_CCL, L_V2T (rebuild E_clip) and L_T2V (rebuild V')"
+    c = self.cfg
+    V = f4.flatten(2).transpose(1, 2)
+    W_poi, W_woi = self.poi(V_prime), self.woi(E_prime, text_mask)
+    loss_t2v, loss_v2t = reconstruction_losses(V, V_prime, E, E_clip, text_mask, W_poi, W_woi,
+                                               self.rec_vision, self.rec_language, c.image_mask_rate,
+                                               c.text_mask_rate, c.detach_vision_target, mask_mode=c.mask_mode)
+    loss_ccl = conditioned_contrastive_loss(E, V, text_mask, W_woi, W_poi, self.text_encoder.logit_scale,
+                                            c.ccl_double_softmax)
+    return dict(W_poi=W_poi, W_woi=W_woi, loss_ccl=loss_ccl, loss_v2t=loss_v2t, loss_t2v=loss_t2v)
 
 # %% ../nbs/07_model.ipynb #1cf9b05c
 def record_calls(model:RecLMIS):
@@ -192,6 +188,19 @@ def record_calls(model:RecLMIS):
     for name in TRAINING_PARTS:
         handles.append(getattr(model, name).register_forward_hook(lambda m, i, o, name=name: called.append(name)))
     return called, handles
+
+# %% ../nbs/07_model.ipynb #53f5dde0
+@patch
+def total_loss(self:RecLMIS,
+               out:dict, # a forward's output
+               mask, # (B, 1, S, S) target masks in {0, 1}
+              ):
+    "L = 5 L_seg + 0.2 L_CCL + L_V2T + L_T2V (the auxiliary terms only when `out` has them)"
+    w = self.cfg.loss_weights
+    loss = w['seg'] * seg_loss(out['logits'], mask)
+    for k in ('ccl', 'v2t', 't2v'):
+        if f'loss_{k}' in out: loss = loss + w[k] * out[f'loss_{k}']
+    return loss
 
 # %% ../nbs/07_model.ipynb #ce334963
 def twin(model:RecLMIS, # the model to copy

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 import torch
 from torch import nn
+from fastcore.basics import patch
 from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer,
                           CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -213,59 +214,72 @@ class TextEncoder(nn.Module):
         "Always eval: the frozen encoder never runs dropout"
         return super().train(False)
 
-    def reads(self, sentence):
-        "The sentence as the encoder reads it: its `canonical_caption` when `canonical`, else as written"
-        return canonical_caption(sentence) if self.canonical and isinstance(sentence, str) else sentence
+# %% ../nbs/03_text.ipynb #f803b061
+@patch
+def reads(self:TextEncoder, sentence):
+    "The sentence as the encoder reads it: its `canonical_caption` when `canonical`, else as written"
+    return canonical_caption(sentence) if self.canonical and isinstance(sentence, str) else sentence
 
-    def reading(self, canonical=True):
-        "This encoder reading sentences canonically (or as written): itself, or a copy that shares its frozen weights"
-        if canonical == self.canonical: return self
-        other = copy.copy(self)
-        other.canonical, other._cache = canonical, {}
-        return other
+# %% ../nbs/03_text.ipynb #49b2914b
+@patch
+def reading(self:TextEncoder, canonical=True):
+    "This encoder reading sentences canonically (or as written): itself, or a copy that shares its frozen weights"
+    if canonical == self.canonical: return self
+    other = copy.copy(self)
+    other.canonical, other._cache = canonical, {}
+    return other
 
-    def tokenize(self, sentences):
-        "Token ids and attention mask, both (B, max_tokens) long, padded and truncated (end token kept)"
-        if isinstance(sentences, str): sentences = [sentences]
-        for i, s in enumerate(sentences):
-            if not isinstance(s, str): raise TypeError(f'sentence {i} is {s!r}, not a string: every image needs a caption')
-        sentences = [self.reads(s) for s in sentences]
-        enc = self.tokenizer(list(sentences), padding='max_length', truncation=True, max_length=self.max_tokens,
-                             return_tensors='pt')
-        mask = enc['attention_mask'].long()
-        extra = self.tokenizer.num_special_tokens_to_add()
-        full = [s for s, n in zip(sentences, mask.sum(1).tolist()) if n == self.max_tokens]  # only these can have been cut
-        if any(len(self.tokenizer.tokenize(s)) + extra > self.max_tokens for s in full):
-            warnings.warn(Notice(f"a sentence is longer than the text encoder's limit of {self.max_tokens} tokens: it was cut "
-                                 f"to its first {self.max_tokens - extra} word pieces (plus {extra} start/end tokens)"))
-        return enc['input_ids'].long().masked_fill(mask == 0, self.pad_id), mask
+# %% ../nbs/03_text.ipynb #04d5d6e7
+@patch
+def tokenize(self:TextEncoder, sentences):
+    "Token ids and attention mask, both (B, max_tokens) long, padded and truncated (end token kept)"
+    if isinstance(sentences, str): sentences = [sentences]
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str): raise TypeError(f'sentence {i} is {s!r}, not a string: every image needs a caption')
+    sentences = [self.reads(s) for s in sentences]
+    enc = self.tokenizer(list(sentences), padding='max_length', truncation=True, max_length=self.max_tokens,
+                         return_tensors='pt')
+    mask = enc['attention_mask'].long()
+    extra = self.tokenizer.num_special_tokens_to_add()
+    full = [s for s, n in zip(sentences, mask.sum(1).tolist()) if n == self.max_tokens]  # only these can have been cut
+    if any(len(self.tokenizer.tokenize(s)) + extra > self.max_tokens for s in full):
+        warnings.warn(Notice(f"a sentence is longer than the text encoder's limit of {self.max_tokens} tokens: it was cut "
+                             f"to its first {self.max_tokens - extra} word pieces (plus {extra} start/end tokens)"))
+    return enc['input_ids'].long().masked_fill(mask == 0, self.pad_id), mask
 
-    def forward(self, input_ids, attention_mask):
-        "Per-token features (B,T,dim); the backbone is frozen but gradients can flow to its inputs"
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        h = out.last_hidden_state
-        if self.is_clip: h = self.backbone.text_projection(h)    # every position, not only the end token
-        return self.proj(h)
+# %% ../nbs/03_text.ipynb #463d35c4
+@patch
+def forward(self:TextEncoder, input_ids, attention_mask):
+    "Per-token features (B,T,dim); the backbone is frozen but gradients can flow to its inputs"
+    out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+    h = out.last_hidden_state
+    if self.is_clip: h = self.backbone.text_projection(h)    # every position, not only the end token
+    return self.proj(h)
 
-    @property
-    def device(self): return next(self.backbone.parameters()).device
+# %% ../nbs/03_text.ipynb #9f2c8437
+@patch(as_prop=True)
+def device(self:TextEncoder): return next(self.backbone.parameters()).device
 
-    @torch.no_grad()
-    def encode(self, sentences, # list of B sentences
-               device=None,      # where to return the features; the encoder's device when None
-              ):
-        "Frozen features (B,T,dim) float and mask (B,T) long, computed once per distinct sentence"
-        if isinstance(sentences, str): sentences = [sentences]
-        sentences = [self.reads(s) for s in sentences]   # cached by what is read: rewordings share one entry
-        new = [s for s in dict.fromkeys(sentences) if s not in self._cache]
-        if new:
-            ids, mask = self.tokenize(new)
-            feats = self(ids.to(self.device), mask.to(self.device)).float().cpu()
-            self._cache.update(zip(new, zip(feats, mask)))
-        feats, mask = zip(*(self._cache[s] for s in sentences))
-        device = device or self.device
-        return torch.stack(feats).to(device), torch.stack(mask).to(device)
+# %% ../nbs/03_text.ipynb #a2cc4c31
+@patch
+@torch.no_grad()
+def encode(self:TextEncoder, sentences, # list of B sentences
+           device=None,      # where to return the features; the encoder's device when None
+          ):
+    "Frozen features (B,T,dim) float and mask (B,T) long, computed once per distinct sentence"
+    if isinstance(sentences, str): sentences = [sentences]
+    sentences = [self.reads(s) for s in sentences]   # cached by what is read: rewordings share one entry
+    new = [s for s in dict.fromkeys(sentences) if s not in self._cache]
+    if new:
+        ids, mask = self.tokenize(new)
+        feats = self(ids.to(self.device), mask.to(self.device)).float().cpu()
+        self._cache.update(zip(new, zip(feats, mask)))
+    feats, mask = zip(*(self._cache[s] for s in sentences))
+    device = device or self.device
+    return torch.stack(feats).to(device), torch.stack(mask).to(device)
 
-    def clear_cache(self):
-        "Forget the cached features (after changing the weights)"
-        self._cache = {}
+# %% ../nbs/03_text.ipynb #9c9468a6
+@patch
+def clear_cache(self:TextEncoder):
+    "Forget the cached features (after changing the weights)"
+    self._cache = {}
