@@ -181,9 +181,10 @@ def pick_device(device=None # 'cpu', 'cuda', 'cuda:1', ...; None: CUDA when avai
     return d
 
 # %% ../nbs/10b_learner.ipynb #fe513356
-def _autocast(device):
-    "bf16 autocast on CUDA; nothing on other devices"
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+def _autocast(device, bf16=None):
+    "bf16 autocast on `device` when `bf16` (None: on CUDA only, the inference path's precision); else nothing"
+    if bf16 is None: bf16 = device.type == 'cuda'
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 # %% ../nbs/10b_learner.ipynb #a415948d
 def native_bf16():
@@ -207,7 +208,7 @@ class BF16Training(MixedPrecision):
     def before_fit(self):
         kind = self.dls.device.type
         if kind == 'cuda' and not torch.cuda.is_bf16_supported(): raise ValueError('this GPU does not support bf16: train on the CPU or a newer GPU')
-        self.autocast = torch.autocast(kind, dtype=torch.bfloat16)
+        self.autocast = _autocast(self.dls.device, bf16=True)
         self.learn.scaler, self.scales = torch.amp.GradScaler(kind, enabled=False), L()
 
 

@@ -242,7 +242,6 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     feats, am = model.text_encoder.encode([sentence])
     bf16 = device.type == 'cuda' if bf16 is None else bf16
     layout = torch.channels_last if bf16 else torch.contiguous_format  # as `recl_learner` trains
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model.to(device, memory_format=layout)
     S, g = cfg.image_size, torch.Generator().manual_seed(0)
     images = torch.rand(bs, 3, S, S, generator=g).to(device, memory_format=layout)
@@ -251,11 +250,11 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     opt = torch_adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     def train_step(m):
         opt.zero_grad()
-        with amp(): loss = model.total_loss(m(images, feats, am), masks)
+        with _autocast(device, bf16): loss = model.total_loss(m(images, feats, am), masks)
         loss.backward()
         opt.step()
     def infer(m):
-        with torch.inference_mode(), amp(): m(images, feats, am)
+        with torch.inference_mode(), _autocast(device, bf16): m(images, feats, am)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     train_macs = _macs(train_step, model.train())
     infer_macs = _macs(infer, model.eval())
