@@ -17,6 +17,7 @@ import torch
 from fastai.basics import CancelFitException, rank_distrib
 from fastai.torch_core import get_model
 from fastai.callback.tracker import TrackerCallback
+from fastcore.basics import patch
 
 # %% ../nbs/10c_checkpoints.ipynb #01a9a665
 def atomic_save(obj, path):
@@ -46,11 +47,6 @@ def trainable_state(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep_text or not k.startswith('text_encoder.')}
 
 # %% ../nbs/10c_checkpoints.ipynb #b70545a1
-def _write_csv(rows, path):
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader(); w.writerows(rows)
-
 class RunCheckpoint(TrackerCallback):
     "Each epoch: `last.pth`, `best.pth` (by validation Dice), `history.csv`; early stopping on Dice"
     order = TrackerCallback.order + 1
@@ -75,27 +71,37 @@ class RunCheckpoint(TrackerCallback):
 
     def before_epoch(self): self.t0 = time.time()
 
-    def after_epoch(self):
-        super().after_epoch()
-        self.wait = 0 if self.new_best else self.wait + 1
-        row = {'epoch': self.epoch, **dict(zip(self.names, map(float, self.recorder.values[-1]))),
-               'lr': self.opt.hypers[-1]['lr'], 'seconds': round(time.time() - self.t0, 2)}
-        self.history.append(row)
-        if rank_distrib() == 0: self._save(row)  # one writer in a distributed run
-        if self.patience and self.wait >= self.patience:
-            print(f'no better validation Dice for {self.wait} epochs (best {self.best:.4f}): early stop')
-            raise CancelFitException
-        if self.stop_after and self.epoch + 1 >= self.stop_after: raise CancelFitException
+# %% ../nbs/10c_checkpoints.ipynb #b66c9f07
+@patch
+def after_epoch(self:RunCheckpoint):
+    "The epoch's history row, the files (first process only), then an early stop if one is due"
+    TrackerCallback.after_epoch(self)  # sets `new_best` and `best`
+    self.wait = 0 if self.new_best else self.wait + 1
+    row = {'epoch': self.epoch, **dict(zip(self.names, map(float, self.recorder.values[-1]))),
+           'lr': self.opt.hypers[-1]['lr'], 'seconds': round(time.time() - self.t0, 2)}
+    self.history.append(row)
+    if rank_distrib() == 0: self._save(row)  # one writer in a distributed run
+    if self.patience and self.wait >= self.patience:
+        print(f'no better validation Dice for {self.wait} epochs (best {self.best:.4f}): early stop')
+        raise CancelFitException
+    if self.stop_after and self.epoch + 1 >= self.stop_after: raise CancelFitException
 
-    def _save(self, row):
-        state = dict(self.meta, model=trainable_state(get_model(self.model)), epochs_done=self.epoch + 1,
-                     history=self.history, best=float(self.best), wait=self.wait)
-        if self.new_best: atomic_save(state, self.run_dir/'best.pth')
-        rng = {'torch': torch.get_rng_state(), 'random': random.getstate(), 'loader': self.train_dl.rng.getstate()}
-        sl = self.recorder.smooth_loss
-        atomic_save(dict(state, opt=self.opt.state_dict(), schedule={'epoch': self.epoch + 1, 'lr': row['lr']}, rng=rng,
-                         smooth=(float(sl.val), sl.count)), self.run_dir/'last.pth')
-        _write_csv(self.history, self.run_dir/'history.csv')
+# %% ../nbs/10c_checkpoints.ipynb #6446dcc3
+def _write_csv(rows, path):
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(); w.writerows(rows)
+
+@patch
+def _save(self:RunCheckpoint, row):
+    state = dict(self.meta, model=trainable_state(get_model(self.model)), epochs_done=self.epoch + 1,
+                 history=self.history, best=float(self.best), wait=self.wait)
+    if self.new_best: atomic_save(state, self.run_dir/'best.pth')
+    rng = {'torch': torch.get_rng_state(), 'random': random.getstate(), 'loader': self.train_dl.rng.getstate()}
+    sl = self.recorder.smooth_loss
+    atomic_save(dict(state, opt=self.opt.state_dict(), schedule={'epoch': self.epoch + 1, 'lr': row['lr']}, rng=rng,
+                     smooth=(float(sl.val), sl.count)), self.run_dir/'last.pth')
+    _write_csv(self.history, self.run_dir/'history.csv')
 
 # %% ../nbs/10c_checkpoints.ipynb #d36bb952
 def new_run_dir(out=None,      # a folder that does not exist or is empty; None: `runs/<name>-<timestamp>`

@@ -21,6 +21,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.channelslast import ChannelsLast
 from fastcore.foundation import L
+from fastcore.basics import patch
 import fastai.callback.progress  # noqa: F401 (`no_bar`)
 
 from .metrics import seg_loss, SegScoreAccumulator
@@ -57,32 +58,36 @@ class RecLMISObjective(Callback):
         self.learn.failure = err
         raise CancelFitException
 
-    def after_loss(self):
-        "Add the weighted auxiliary terms to `loss_grad` and `loss`; stop on a missing or non-finite term"
-        terms = {'seg': self.loss_grad}
-        if self.training:
-            for k in self.weights:
-                if k == 'seg': continue
-                if f'loss_{k}' not in self.out:
-                    self._stop(LossTermMissing(f"the model returned no 'loss_{k}' in train mode, but its weight is "
-                                               f"{self.weights[k]}; set the weight to 0 to switch the term off"))
-                terms[k] = self.out[f'loss_{k}']
-        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
-        if bad:
-            where = f'epoch {self.epoch}, {"train" if self.training else "valid"} batch {self.iter}'
-            vals = ', '.join(f'L_{k}={terms[k].item():g}' for k in bad)
-            self._stop(NonFiniteLoss(f'non-finite loss ({vals}) at {where}; the last good checkpoint is kept'))
-        total = sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
-        self.learn.loss_grad, self.learn.loss = total, total.detach().clone()
-        self.learn.loss_terms = {k: v.detach() for k, v in terms.items()}
-        if self.training:
-            bs = self.yb[0].shape[0]
-            for k in self.weights: self.sums[k] += terms[k].detach().float().item() * bs
-            self.count += bs
+# %% ../nbs/10b_learner.ipynb #68fe6472
+@patch
+def after_loss(self:RecLMISObjective):
+    "Add the weighted auxiliary terms to `loss_grad` and `loss`; stop on a missing or non-finite term"
+    terms = {'seg': self.loss_grad}
+    if self.training:
+        for k in self.weights:
+            if k == 'seg': continue
+            if f'loss_{k}' not in self.out:
+                self._stop(LossTermMissing(f"the model returned no 'loss_{k}' in train mode, but its weight is "
+                                           f"{self.weights[k]}; set the weight to 0 to switch the term off"))
+            terms[k] = self.out[f'loss_{k}']
+    bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+    if bad:
+        where = f'epoch {self.epoch}, {"train" if self.training else "valid"} batch {self.iter}'
+        vals = ', '.join(f'L_{k}={terms[k].item():g}' for k in bad)
+        self._stop(NonFiniteLoss(f'non-finite loss ({vals}) at {where}; the last good checkpoint is kept'))
+    total = sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
+    self.learn.loss_grad, self.learn.loss = total, total.detach().clone()
+    self.learn.loss_terms = {k: v.detach() for k, v in terms.items()}
+    if self.training:
+        bs = self.yb[0].shape[0]
+        for k in self.weights: self.sums[k] += terms[k].detach().float().item() * bs
+        self.count += bs
 
-    def metrics(self):
-        "Recorder columns `train_<term>`: each weighted term's train average over the epoch"
-        return [ValueMetric(lambda k=k: self.avgs.get(k), f'train_{k}') for k in self.weights]
+# %% ../nbs/10b_learner.ipynb #10e91154
+@patch
+def metrics(self:RecLMISObjective):
+    "Recorder columns `train_<term>`: each weighted term's train average over the epoch"
+    return [ValueMetric(lambda k=k: self.avgs.get(k), f'train_{k}') for k in self.weights]
 
 # %% ../nbs/10b_learner.ipynb #99a76504
 SEG_KEYS = ('dice', 'iou', 'dice_global', 'iou_global')

@@ -113,5 +113,5 @@ class EpochLR(Callback):
 
 # %% ../nbs/10_recipes.ipynb #858f1dc5
 def torch_adam(params, lr=3e-4):
-    "`torch.optim.Adam` with torch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay) for fastai"
-    return OptimWrapper(params, torch.optim.Adam, lr=lr)
+    "`torch.optim.Adam` with torch's defaults (betas (0.9, 0.999), eps 1e-8, no weight decay), fused, for fastai"
+    return OptimWrapper(params, torch.optim.Adam, lr=lr, fused=True)

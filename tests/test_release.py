@@ -9,7 +9,7 @@ import torch
 
 from reclmis_nb.cli import main
 from reclmis_nb.images import load_image, load_mask
-from reclmis_nb.evaluation import load_checkpoint
+from reclmis_nb.evaluation import load_checkpoint, inference_copy
 from reclmis_nb.prediction import predict_probs
 from reclmis_nb.release import (CheckpointError, read_checkpoint, load_release, release_arrays, release_resize_pair, model_input,
                                 release_training_forward)
@@ -66,6 +66,19 @@ def test_every_case_from_its_files(release, cases):
     bad = {k: v for k, v in worst.items() if v > tolerance(k)}
     assert not bad, bad
     assert set(worst) == set(z.files) - {'label', 'synthetic_image', 'synthetic_label'}  # every recorded array compared
+
+def test_inference_copy_as_released(release, cases):
+    "The copy `score` runs (BatchNorm folded, channels-last weights) gives every release array within the same bounds"
+    meta, z = cases
+    name, _, model, _ = release
+    fast, worst = inference_copy(model), {}
+    for i, c in enumerate(meta['cases']):
+        ids, mask = fast.text_encoder.tokenize([c['caption']])
+        for k, v in release_arrays(fast, torch.from_numpy(z['image'][i:i + 1]), ids, mask).items():
+            worst[k] = max(worst.get(k, 0.), float((v.float() - torch.from_numpy(z[k][i:i + 1]).float()).abs().max()))
+    print(f'\n{name}, inference copy: max |ours - release| over the 6 cases: ' + ', '.join(f'{k} {v:.2g}' for k, v in worst.items()))
+    assert not {k: v for k, v in worst.items() if v > tolerance(k)}, worst
+    assert 'probs' in worst and 'logits' in worst
 
 def test_training_case(release, cases):
     "topk masking, dropouts 0, batch statistics: the three auxiliary losses and the segmentation loss"
