@@ -10,6 +10,7 @@ __all__ = ['TextAdapter', 'ConditionedInteraction']
 # %% ../nbs/05_interaction.ipynb #8f789b03
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 # %% ../nbs/05_interaction.ipynb #2a25f1b6
 class TextAdapter(nn.Conv1d):
@@ -54,15 +55,17 @@ class ConditionedInteraction(nn.Module):
                              f'position embedding has {self.pos_embed.shape[1]}: build it with n_patches=(image_size//16)**2')
         return self.dropout(vp + self.pos_embed)
 
-    def forward(self,
-                f4, # (B, d, h, w) deepest encoder map
-                E, # (B, T, d) adapted text tokens
-                text_mask=None, # (B, T) 1 for real tokens, 0 for padding; used when built with `key_padding_mask`
-               ):
-        pad = (text_mask == 0) if self.key_padding_mask and text_mask is not None else None
-        vp = self.patches(f4)
-        E2, attn_t2v = self.attn_t2v(E, vp, vp, need_weights=True)
-        if self.text_residual: E2 = E2 + E
-        V_prime, attn_v2t = self.attn_v2t(vp, E2, E2, key_padding_mask=pad, need_weights=True)
-        E_prime = self.text_conv(E2.transpose(1, 2)).transpose(1, 2)
-        return dict(V_prime=V_prime, E_prime=E_prime, attn_t2v=attn_t2v, attn_v2t=attn_v2t)
+# %% ../nbs/05_interaction.ipynb #8882f4fd
+@patch
+def forward(self:ConditionedInteraction,
+            f4, # (B, d, h, w) deepest encoder map
+            E, # (B, T, d) adapted text tokens
+            text_mask=None, # (B, T) 1 for real tokens, 0 for padding; used when built with `key_padding_mask`
+           ):
+    pad = (text_mask == 0) if self.key_padding_mask and text_mask is not None else None
+    vp = self.patches(f4)
+    E2, attn_t2v = self.attn_t2v(E, vp, vp, need_weights=True)
+    if self.text_residual: E2 = E2 + E
+    V_prime, attn_v2t = self.attn_v2t(vp, E2, E2, key_padding_mask=pad, need_weights=True)
+    E_prime = self.text_conv(E2.transpose(1, 2)).transpose(1, 2)
+    return dict(V_prime=V_prime, E_prime=E_prime, attn_t2v=attn_t2v, attn_v2t=attn_v2t)
