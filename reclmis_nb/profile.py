@@ -23,6 +23,7 @@ from .baselines import build_model, model_config, model_from_config, lvit_unused
 from .dataset import pack, unpack
 from .recipes import torch_adam
 from .learner import pick_device, _autocast
+from .evaluation import inference_copy
 
 # %% ../nbs/12_profile.ipynb #73ee593a
 def _macs(fn, *args):
@@ -256,16 +257,17 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     def infer(m):
         with torch.inference_mode(), _autocast(device, bf16): m(images, feats, am)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+    fast = inference_copy(model)  # what `score` runs
     train_macs = _macs(train_step, model.train())
-    infer_macs = _macs(infer, model.eval())
-    res, run = {}, model
+    infer_macs = _macs(infer, fast)
+    res, run = {}, dict(train=model, infer=fast)
     if compile:
-        run = torch.compile(model, backend=compile)
-        for k, fn, mode in (('compile_train_s', train_step, True), ('compile_infer_s', infer, False)):
-            model.train(mode); _sync(device); t0 = time.perf_counter(); fn(run); _sync(device)
+        run = {k: torch.compile(m, backend=compile) for k, m in run.items()}
+        for k, fn, kind in (('compile_train_s', train_step, 'train'), ('compile_infer_s', infer, 'infer')):
+            _sync(device); t0 = time.perf_counter(); fn(run[kind]); _sync(device)
             res[k] = time.perf_counter() - t0
-    model.train(); t_train = _median_seconds(lambda: train_step(run), reps, warmup - 1, device)
-    model.eval(); t_infer = _median_seconds(lambda: infer(run), reps, warmup - 1, device)
+    t_train = _median_seconds(lambda: train_step(run['train']), reps, warmup - 1, device)
+    t_infer = _median_seconds(lambda: infer(run['infer']), reps, warmup - 1, device)
     mem, mem_kind = peak_memory(device)
     rate = matmul_rate(device, matmul_n, reps)
     if bf16: res['matmul_bf16_macs_per_s'] = matmul_rate(device, matmul_n, reps, torch.bfloat16)
