@@ -15,7 +15,7 @@ from .data import read_dataset
 from .batches import ablate_text
 from .checkpoints import new_run_dir
 from .training import train
-from .evaluation import load_checkpoint, score
+from .evaluation import load_checkpoint, inference_copy, score
 from .prediction import show_predictions
 
 # %% ../nbs/10g_demo.ipynb #c2ac5681
@@ -40,7 +40,8 @@ def demo(out=None,       # new folder for data, run, figure and scores (default 
                 **({} if seed is None else dict(seed=seed)))
     model, info = load_checkpoint(run/'best.pth', device)
     test = read_dataset(data).splits['test']
-    scores = {k or 'true': score(model, ablate_text(test, k)) for k in (None, 'shuffle', 'empty')}
+    fast = inference_copy(model)  # one copy for the three scorings
+    scores = {k or 'true': score(fast, ablate_text(test, k)) for k in (None, 'shuffle', 'empty')}
     fig = show_predictions(model, test, n=3)
     fig.savefig(out/'predictions.png')
     plt.close(fig)

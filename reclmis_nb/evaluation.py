@@ -70,12 +70,12 @@ def inference_copy(model # a RecLMIS or baseline
 
 # %% ../nbs/10e_evaluation.ipynb #a65888be
 @torch.inference_mode()
-def score(model,              # a RecLMIS or baseline
+def score(model,              # a RecLMIS or baseline, scored as it is (e.g. its `inference_copy`)
           samples,            # `Sample`s with masks and captions
           native_grid=False,  # score on each mask's own grid instead of the model's
           bs=16, threshold=0.5):
-    "`seg_scores` of `model` on `samples`: per-image and global Dice/IoU, `n` (computed by its `inference_copy`)"
-    device, S, model = next(model.parameters()).device, model.cfg.image_size, inference_copy(model)
+    "`seg_scores` of `model` on `samples`: per-image and global Dice/IoU, `n`"
+    device, S = next(model.parameters()).device, model.cfg.image_size
     feats = CaptionFeatures(model.text_encoder, {s.caption for s in samples})
     ds = LangSegDataset(samples, size=S, resize=pair_resizer(model.cfg))
     dl = torch.utils.data.DataLoader(WithTextFeatures(ds, feats), batch_size=bs)
@@ -108,7 +108,7 @@ def evaluate(checkpoint,          # best.pth / last.pth or a run folder
                          f'`reclmis data check {root}` lists them)')
     samples = index.splits[split]
     ablated = ablate_text(rewrite_captions(samples, captions, seed), text_ablation, seed)
-    res = score(model, ablated, native_grid, bs)
+    res = score(inference_copy(model), ablated, native_grid, bs)
     same = sum(a.caption == s.caption for a, s in zip(ablated, samples))
     return dict(res, split=split, captions=captions, canonical_text=getattr(model.text_encoder, 'canonical', False),
                 text_ablation=text_ablation, same_caption=same, native_grid=native_grid,

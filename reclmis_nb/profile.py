@@ -257,7 +257,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     def infer(m):
         with torch.inference_mode(), _autocast(device, bf16): m(images, feats, am)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
-    fast = inference_copy(model)  # what `score` runs
+    fast = inference_copy(model)  # what `evaluate` scores
     train_macs = _macs(train_step, model.train())
     infer_macs = _macs(infer, fast)
     res, run = {}, dict(train=model, infer=fast)

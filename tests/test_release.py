@@ -68,7 +68,7 @@ def test_every_case_from_its_files(release, cases):
     assert set(worst) == set(z.files) - {'label', 'synthetic_image', 'synthetic_label'}  # every recorded array compared
 
 def test_inference_copy_as_released(release, cases):
-    "The copy `score` runs (BatchNorm folded, channels-last weights) gives every release array within the same bounds"
+    "The copy `evaluate` scores (BatchNorm folded, channels-last weights) gives every release array within the same bounds"
     meta, z = cases
     name, _, model, _ = release
     fast, worst = inference_copy(model), {}

@@ -14,7 +14,7 @@ own code does it, on the same images, masks and CLIP token ids:
   `model(images, masks, tokens, token_mask)` (CLIP inside, its auxiliary branch on), `WeightedDiceBCE(0.5, 0.5)` and
   the weighted sum of its config's `loss_weight`, as its `Train_one_epoch.py` does;
 - inference, batch 1, under `torch.no_grad()`: ours `fast(image, text_encoder(ids, mask), mask)` with
-  `fast = evaluation.inference_copy(model)` (BatchNorm folded, channels-last weights: what `score`/`evaluate` run; made
+  `fast = evaluation.inference_copy(model)` (BatchNorm folded, channels-last weights: what `evaluate` scores; made
   once, untimed), the release `model(..., mode='test')` in eval mode (its auxiliary branch on, as shipped).
 
 Each round times both codes (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
