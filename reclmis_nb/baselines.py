@@ -13,7 +13,7 @@ __all__ = ['BASELINE_PRESETS', 'BaselineConfig', 'baseline_preset', 'Segmentatio
 # %% ../nbs/08_baselines.ipynb #fc927d85
 from dataclasses import dataclass, field, fields, replace, asdict
 import torch, torch.nn as nn, torch.nn.functional as F
-from .vision import UNetEncoder, UNetDecoder, UpBlock
+from .vision import UNetEncoder, UNetDecoder, UpBlock, TwoPassBatchNorm2d
 from .text import TextEncoder
 from .guided import LanguageGuidedModel
 from .model import RecLMIS, RecLMISConfig, get_preset
@@ -158,7 +158,7 @@ class PatchEmbedding(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, n_patches, channels))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x): return self.drop(self.proj(x).flatten(2).transpose(1, 2) + self.pos)
+    def forward(self, x): return self.drop(self.proj(x).contiguous().flatten(2).transpose(1, 2) + self.pos)  # NCHW: layout-free dropout
 
 # %% ../nbs/08_baselines.ipynb #67bd3c5d
 class TokenConv(nn.Sequential):
@@ -174,7 +174,7 @@ class Reconstruct(nn.Module):
     "Tokens (B, N, C) back to a (B, C, H, W) map: nearest upsampling, 1x1 conv + BN + ReLU"
     def __init__(self, channels:int):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 1), TwoPassBatchNorm2d(channels), nn.ReLU(inplace=True))
 
     def forward(self, tokens, size):
         B, N, C = tokens.shape

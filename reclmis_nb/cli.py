@@ -106,7 +106,8 @@ def cmd_train(args):
         from reclmis_nb.distributed import torchrun_command
         return subprocess.call(torchrun_command(args.distributed, args.argv))
     over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation),
-                                              ('precise_bn', args.precise_bn), ('cpu_bf16', args.cpu_bf16)) if v is not None}
+                                              ('precise_bn', args.precise_bn), ('cpu_bf16', args.cpu_bf16),
+                                              ('channels_last', args.channels_last)) if v is not None}
     if args.model is not None or args.resume is None: over['arch'] = args.model or 'reclmis'
     if args.loss_weight or args.as_released:
         if over['arch'] != 'reclmis':
@@ -147,6 +148,8 @@ def add_train(sub):
                     "batches (default: the preset's, 20 for small; 0: the running averages, as the release)")
     tr.add_argument('--cpu-bf16', action=argparse.BooleanOptionalAction, help='on a CPU with bf16 instructions (AVX512-BF16, AMX), '
                     "train in bf16 autocast (default: the preset's, on for small; float32 on other CPUs either way)")
+    tr.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='train in float32 with channels-last weights '
+                    'and maps: faster convolutions on CPUs, rounding further from the release (default: off, as every preset)')
     tr.add_argument('--distributed', type=at_least_1, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')
     tr.add_argument('--resume', type=Path, help='run folder of an interrupted run to continue')
@@ -300,10 +303,11 @@ def cmd_bench(args):
     from reclmis_nb.recipes import get_recipe, recipe_config
     from reclmis_nb.learner import pick_device, trains_in_bf16
     from reclmis_nb.profile import bench_model, format_bench
-    recipe = get_recipe(args.preset, **({} if args.cpu_bf16 is None else dict(cpu_bf16=args.cpu_bf16)))
+    recipe = get_recipe(args.preset, **{k: v for k, v in (('cpu_bf16', args.cpu_bf16), ('channels_last', args.channels_last)) if v is not None})
     device = pick_device(args.device)
     res = bench_model(recipe_config(recipe), bs=args.bs or recipe.bs, device=device, reps=args.reps, warmup=args.warmup,
-                      matmul_n=args.matmul_n, compile=args.compile, bf16=trains_in_bf16(recipe, device))
+                      matmul_n=args.matmul_n, compile=args.compile, bf16=trains_in_bf16(recipe, device),
+                      channels_last=recipe.channels_last)
     print(json.dumps(res) if args.json else format_bench(res))
     return 0
 
@@ -321,6 +325,8 @@ def add_bench(sub):
                     help='time torch.compile(model, backend=BACKEND) instead of the eager model (BACKEND default inductor)')
     bn.add_argument('--cpu-bf16', action=argparse.BooleanOptionalAction, help='in bf16 autocast on a CPU with bf16 instructions, '
                     "as `reclmis train` trains (default: the preset's, on for small)")
+    bn.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='float32 with channels-last weights and maps, '
+                    'as `reclmis train --channels-last` trains (default: off)')
     bn.add_argument('--device', **SHARED_FLAGS['--device'])
     bn.add_argument('--json', action='store_true', help='print one JSON object')
     bn.set_defaults(func=cmd_bench)

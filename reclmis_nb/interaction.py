@@ -49,7 +49,7 @@ class ConditionedInteraction(nn.Module):
 
     def patches(self, f4):
         "Vp (B, N, d): projected visual tokens with position embedding"
-        vp = self.patch_embed(f4).flatten(2).transpose(1, 2)
+        vp = self.patch_embed(f4).contiguous().flatten(2).transpose(1, 2)  # NCHW first: see below
         if vp.shape[1] != self.pos_embed.shape[1]:
             raise ValueError(f'ConditionedInteraction: f4 has {vp.shape[1]} patches ({tuple(f4.shape[2:])}) but the '
                              f'position embedding has {self.pos_embed.shape[1]}: build it with n_patches=(image_size//16)**2')

@@ -204,7 +204,6 @@ def trains_in_bf16(recipe, # a `Recipe`
     "bf16 autocast with channels-last maps: on CUDA; on the CPU when the recipe asks (`cpu_bf16`) and `native_bf16()`"
     return device.type == 'cuda' or (device.type == 'cpu' and recipe.cpu_bf16 and native_bf16())
 
-
 # %% ../nbs/10b_learner.ipynb #505d7d6d
 class BF16Training(MixedPrecision):
     "fastai's `MixedPrecision` in bf16 on the learner's device, CUDA or CPU; no gradient scaling"
@@ -228,5 +227,7 @@ def recl_learner(model,        # a `RecLMIS` (or any model returning the same di
     extra = ([GradientClip(recipe.clip)] if recipe.clip else []) + ([PreciseBN(recipe.precise_bn)] if recipe.precise_bn else [])
     learn = RecLMISLearner(dls, model, loss_func=seg_loss, opt_func=torch_adam, lr=recipe.lr,
                            cbs=[obj, EpochLR(recipe), *extra, *cbs], metrics=seg_metrics() + obj.metrics())
-    if trains_in_bf16(recipe, dls.device): learn.add_cbs([ChannelsLast(), BF16Training()])
+    bf16 = trains_in_bf16(recipe, dls.device)
+    if bf16 or recipe.channels_last: learn.add_cb(ChannelsLast())
+    if bf16: learn.add_cb(BF16Training())
     return learn

@@ -205,7 +205,8 @@ def total_loss(self:RecLMIS,
 # %% ../nbs/07_model.ipynb #ce334963
 def twin(model:RecLMIS, # the model to copy
          **switches): # RecLMISConfig fields to change
-    "A copy of `model` (same weights, same text encoder) with some configuration fields changed"
+    "A copy of `model` (same weights in the same memory layout, same text encoder) with some configuration fields changed"
     other = RecLMIS(replace(model.cfg, **switches), text_encoder=model.text_encoder, verbose=False)
     other.load_state_dict(model.state_dict())
+    if model.encoder.inc[0].weight.is_contiguous(memory_format=torch.channels_last): other.to(memory_format=torch.channels_last)
     return other.train(model.training)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.overrides import TorchFunctionMode
 from fastai.basics import Callback
+from .vision import TwoPassBatchNorm2d
 from .model import RecLMISConfig, RecLMIS, get_preset, n_params, INFERENCE_PARTS, TRAINING_PARTS
 from .baselines import build_model, model_config, model_from_config, lvit_unused_released
 from .dataset import pack, unpack
@@ -88,9 +89,9 @@ def thop_count(model:nn.Module, *inputs) -> tuple:
         warnings.simplefilter('ignore', DeprecationWarning)      # thop 0.1.1 imports distutils' LooseVersion
         try: import thop
         except ImportError as e: raise ImportError('thop counts need the thop package: pip install thop') from e
-    macs, params = thop.profile(model, inputs=inputs, verbose=False)
+    from thop.vision.basic_hooks import count_normalization  # thop finds rules by exact type: our BatchNorm is its BatchNorm2d
+    macs, params = thop.profile(model, inputs=inputs, custom_ops={TwoPassBatchNorm2d: count_normalization}, verbose=False)
     return int(macs), int(params)
-
 
 # %% ../nbs/12_profile.ipynb #79bc1e50
 class _InferenceWithText(nn.Module):
@@ -230,6 +231,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
                 matmul_n:int=4096,     # side of the matrix product that measures the device's rate
                 compile:str|None=None, # `torch.compile` backend of the timed calls ('inductor', 'aot_eager'); None: eager
                 bf16:bool|None=None,   # bf16 autocast with channels-last maps; None: on CUDA only (as `recl_learner` trains by default)
+                channels_last:bool=False, # channels-last weights and maps in float32 too (the recipe's `channels_last`)
                 text_encoder:nn.Module|None=None, # reuse a built text encoder (random weights are fine)
                 sentence:str='Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.',
                ):
@@ -242,7 +244,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     model = model_from_config(cfg, text_encoder)
     feats, am = model.text_encoder.encode([sentence])
     bf16 = device.type == 'cuda' if bf16 is None else bf16
-    layout = torch.channels_last if bf16 else torch.contiguous_format  # as `recl_learner` trains
+    layout = torch.channels_last if bf16 or channels_last else torch.contiguous_format  # as `recl_learner` trains
     model.to(device, memory_format=layout)
     S, g = cfg.image_size, torch.Generator().manual_seed(0)
     images = torch.rand(bs, 3, S, S, generator=g).to(device, memory_format=layout)

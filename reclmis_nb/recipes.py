@@ -34,6 +34,7 @@ class Recipe:
     warmup: float = 0               # epochs of linear per-batch warm-up from 0 to the schedule's rate (0: none)
     clip: float = 0                 # largest gradient norm, fastai's `GradientClip` (0: no clipping)
     cpu_bf16: bool = False          # on a CPU with bf16 instructions (AVX512-BF16, AMX): bf16 autocast and channels-last maps, as on CUDA
+    channels_last: bool = False     # float32 training with channels-last weights and maps: faster, rounds differently from the release
     precise_bn: int = 0             # train batches over which BatchNorm statistics are recomputed before each validation (`PreciseBN`; 0: running averages)
     patience: int = 0               # stop after this many epochs without a better validation Dice (0: never)
     seed: int = 3407                # random seed of the run
@@ -43,7 +44,7 @@ class Recipe:
     baseline_overrides: dict = field(default_factory=dict)  # `BaselineConfig` fields to change (arch 'unet', 'lvit')
     text_ablation: str|None = None  # train (and validate) with 'empty' or 'shuffle'd sentences: the no-text ablation
 
-TRAINING_AIDS = ('warmup', 'clip', 'cpu_bf16', 'precise_bn')  # recipe fields off (0, False) unless a recipe turns them on
+TRAINING_AIDS = ('warmup', 'clip', 'cpu_bf16', 'channels_last', 'precise_bn')  # recipe fields off (0, False) unless a recipe turns them on
 
 # %% ../nbs/10_recipes.ipynb #0998a522
 ARCHS = ('reclmis', 'unet', 'lvit')   # the models a recipe can train

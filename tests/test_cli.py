@@ -178,3 +178,11 @@ def test_cpu_bf16_flag_reaches_the_recipe(flag, want, synth, tmp_path, capsys):
     rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', flag, '--out', tmp_path/'run', '--quiet')
     assert rc == 0, err
     assert json.loads((tmp_path/'run'/'run.json').read_text())['recipe']['cpu_bf16'] is want
+
+@pytest.mark.parametrize('flag, want', [('--channels-last', True), ('--no-channels-last', False)])
+def test_channels_last_flag_reaches_the_recipe(flag, want, synth, tmp_path, capsys):
+    "`reclmis train --channels-last` sets the recipe's `channels_last`, saved with the run and shown in its first lines"
+    rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', flag, '--out', tmp_path/'run')
+    assert rc == 0, err
+    assert json.loads((tmp_path/'run'/'run.json').read_text())['recipe']['channels_last'] is want
+    assert ('channels_last=True' in out) is want

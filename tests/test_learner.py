@@ -119,6 +119,19 @@ def test_precise_bn_resumes_and_trains_the_same_weights(synth, tmp_path):
     drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
     assert drop(whole['history']) == drop(cut['history']) and whole['recipe']['precise_bn'] == 2
 
+def test_channels_last_trains_channels_last_and_resumes(synth, tmp_path):
+    "The recipe's `channels_last`: NHWC weights in the checkpoint, which resumes to the uninterrupted run's weights"
+    kw = dict(device='cpu', progress=False, epochs=3, channels_last=True)
+    whole = torch.load(train(synth, 'tiny', out=tmp_path/'whole', **kw)/'last.pth', weights_only=True)
+    train(synth, 'tiny', out=tmp_path/'cut', stop_after=2, **kw)
+    cut = torch.load(train(resume=tmp_path/'cut', device='cpu', progress=False)/'last.pth', weights_only=True)
+    conv = whole['model']['encoder.inc.0.weight']
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert whole['recipe']['channels_last'] is True and cut['recipe']['channels_last'] is True
+    assert all(torch.equal(whole['model'][k], cut['model'][k]) for k in whole['model'])
+    model, _ = evaluation.load_checkpoint(tmp_path/'whole'/'last.pth')  # scored as any other checkpoint
+    assert all(torch.equal(v, whole['model'][k]) for k, v in model.state_dict().items())
+
 class Dtypes(Callback):
     "The dtype of the first convolution's output and of the loss in the last train batch, and of the weights' gradients"
     order = RecLMISObjective.order + 1

@@ -1,7 +1,7 @@
 """The authors' checkpoint format against the release's own outputs (../shared/release-parity, made by running the
 release's unmodified code): weights regenerated from each manifest, written in the release's exact dict layout,
 loaded through `evaluation.load_checkpoint`, every case run from its image file and caption string."""
-import json, sys
+import copy, json, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -24,6 +24,11 @@ FINE = ('probs', 'img_weight', 'text_weight', 'attn_text_weights', 'attn_img_wei
 # features; the release itself moves them by up to 1.5e-5 with other thread counts or batching (fixture README)
 
 def tolerance(name): return 0 if name in EXACT else 1e-5 if name in FINE else 1e-4
+# the recipe's `channels_last` switch trains with NHWC maps, whose convolutions oneDNN rounds differently: on the
+# training case ours then lands about twice as far from float64 as the release's own float32 (probabilities 2.2e-5
+# against 1.0e-5; 1.7e-5 from the release's, 2.2e-6 in NCHW; Intel Xeon, torch 2.14.1). Bounds 4x the parity ones
+# leave room for other CPUs; torch's own NHWC BatchNorm (probabilities 1.6e-4 from the release's) fails them
+CHANNELS_LAST_TRAINING = 4
 
 @pytest.fixture(scope='module')
 def cases():
@@ -80,10 +85,12 @@ def test_inference_copy_as_released(release, cases):
     assert not {k: v for k, v in worst.items() if v > tolerance(k)}, worst
     assert 'probs' in worst and 'logits' in worst
 
-def test_training_case(release, cases):
+@pytest.mark.parametrize('weights', ['as loaded', 'channels-last'])
+def test_training_case(release, cases, weights):
     "topk masking, dropouts 0, batch statistics: the three auxiliary losses and the segmentation loss"
     _, z = cases
     name, _, model, _ = release
+    if weights == 'channels-last': model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # as the learner trains
     tj, tz = json.loads((FIXTURE / 'train-case.json').read_text())[name], np.load(FIXTURE / 'train-case.npz')
     b = slice(0, 3)
     tr = release_training_forward(model, torch.from_numpy(z['image'][b]), torch.from_numpy(z['text_token'][b]).long(),
@@ -92,8 +99,9 @@ def test_training_case(release, cases):
     diffs = {k: abs(tr[k].item() - v) for k, v in want.items()}
     for k in ('train_probs', 'train_img_weight', 'train_text_weight', 'train_logits'):
         diffs[k] = float((tr[k].detach().float() - torch.from_numpy(tz[f'{name}.{k}'])).abs().max())
-    print(f'\n{name} training case: ' + ', '.join(f'{k} {v:.2g}' for k, v in diffs.items()))
+    print(f'\n{name} training case, weights {weights}: ' + ', '.join(f'{k} {v:.2g}' for k, v in diffs.items()))
     bounds = dict.fromkeys(want, 1e-5) | dict(train_probs=1e-5, train_img_weight=1e-5, train_text_weight=1e-5, train_logits=1e-4)
+    if weights == 'channels-last': bounds = {k: CHANNELS_LAST_TRAINING * v for k, v in bounds.items()}
     assert all(diffs[k] <= bounds[k] for k in diffs), diffs
     for k in ('train_img_mask_index', 'train_text_mask_index'):
         assert np.array_equal(tr[k].numpy().astype(np.uint8), tz[f'{name}.{k}']), k

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ours against the authors' release, side by side: one process, the same inputs, interleaved rounds.
 
-    python tools/vs_release.py RELEASE_DIR [--config qata] [--threads 2] [--rounds 2] [--reps 3] [--json] [--profile N]
+    python tools/vs_release.py RELEASE_DIR [--config qata] [--threads 2] [--rounds 2] [--reps 3] [--json] [--profile N] [--channels-last]
 
 RELEASE_DIR is the folder that holds `release_cpu.py`, `reclmis-release/` (the release, unmodified) and `shims/`
 (here `../shared/reference`). Both models are built with random weights (`torch.manual_seed(0)`): ours from
@@ -16,6 +16,10 @@ own code does it, on the same images, masks and CLIP token ids:
 - inference, batch 1, under `torch.no_grad()`: ours `fast(image, text_encoder(ids, mask), mask)` with
   `fast = evaluation.inference_copy(model)` (BatchNorm folded, channels-last weights: what `evaluate` scores; made
   once, untimed), the release `model(..., mode='test')` in eval mode (its auxiliary branch on, as shipped).
+
+`--channels-last` trains ours with channels-last weights and maps (the recipe's `channels_last` switch, what
+`reclmis train --channels-last` does): faster convolutions, but its outputs round further from the release's
+(see `tests/test_release.py::test_training_case`); without it ours trains in the layout the paper recipes use.
 
 Each round times both codes (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
 in odd rounds and the release first in even ones, so a change of load on the machine falls on both. The table
@@ -64,6 +68,8 @@ def parse(argv=None):
     ap.add_argument('--rounds', type=at_least_1, default=2, help='interleaved rounds')
     ap.add_argument('--reps', type=at_least_1, default=3, help='timed calls of each kind per round (median)')
     ap.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
+    ap.add_argument('--channels-last', action='store_true', help="train ours with channels-last weights and maps (the recipe's "
+                    '`channels_last` switch; off: the layout the paper recipes train in)')
     ap.add_argument('--profile', type=int, default=0, metavar='N', help='also print the N top operators by self CPU time')
     ap.add_argument('--clip', type=Path, help='a CLIP ViT-B/32 state-dict file for the release (default: from --manifest)')
     ap.add_argument('--manifest', type=Path, help='release-parity manifest to regenerate CLIP from '
@@ -128,6 +134,7 @@ def build(a, folder):
     from reclmis_nb.evaluation import inference_copy
     torch.manual_seed(0); np.random.seed(0)
     ours = RecLMIS(get_preset(a.config, text_pretrained=False), verbose=False)
+    if a.channels_last: ours.to(memory_format=torch.channels_last)  # as `recl_learner` trains with the recipe's switch
     te = ours.text_encoder
     torch.manual_seed(0); np.random.seed(0)
     rel, gc, _ = rc.build(a.config)
@@ -202,7 +209,7 @@ def run(a):
             rounds.append(t)
         load_after = os.getloadavg()
         profiles = profile(calls, a.profile) if a.profile > 0 else {}
-    return dict(config=a.config, threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, reps=a.reps,
+    return dict(config=a.config, channels_last=a.channels_last, threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, reps=a.reps,
                 train_batch=2, infer_batch=1, image_size=224,
                 **{f'{k}_max': max(t[k] for t in rounds) for k in ('train_ratio', 'infer_ratio', 'train_cpu_ratio', 'infer_cpu_ratio')},
                 loadavg_before=load_before, loadavg_after=load_after, profiles=profiles)
@@ -214,7 +221,7 @@ def table(res):
     g = lambda k: ', '.join(f'{t[k]:.2f}x' for t in rs)
     la = lambda v: ' '.join(f'{x:.2f}' for x in v)
     lines = [f"RecLMIS {res['config']!r} ours vs release, {res['threads']} threads, torch {res['torch']}, "
-             f"{len(rs)} interleaved rounds (median of {res['reps']} each)",
+             f"{len(rs)} interleaved rounds (median of {res['reps']} each)" + (', ours training channels-last' if res['channels_last'] else ''),
              f"| | ours | release | ours / release |", '|---|---|---|---|',
              f"| training step, batch 2, 224x224 | {f('ours_train_s')} | {f('release_train_s')} | {g('train_ratio')} |",
              f"| inference, batch 1 | {f('ours_infer_s')} | {f('release_infer_s')} | {g('infer_ratio')} |",
