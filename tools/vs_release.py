@@ -17,9 +17,10 @@ own code does it, on the same images, masks and CLIP token ids:
   `fast = evaluation.inference_copy(model)` (BatchNorm folded, channels-last weights: what `evaluate` scores; made
   once, untimed), the release `model(..., mode='test')` in eval mode (its auxiliary branch on, as shipped).
 
-`--channels-last` trains ours with channels-last weights and maps (the recipe's `channels_last` switch, what
-`reclmis train --channels-last` does): faster convolutions, but its outputs round further from the release's
-(see `tests/test_release.py::test_training_case`); without it ours trains in the layout the paper recipes use.
+`--channels-last` also times, in the same rounds, ours with channels-last weights and maps (a copy of the same
+model: the recipe's `channels_last` switch, what `reclmis train --channels-last` does; faster convolutions, but
+outputs that round further from the release's, see `tests/test_release.py::test_training_case`), and gives its
+step against the release's and against ours in the default layout, which the paper recipes train in.
 
 Each round times both codes (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
 in odd rounds and the release first in even ones, so a change of load on the machine falls on both. The table
@@ -50,7 +51,7 @@ operators with the most self CPU time.
 Exit codes: 0 done, or skipped with one line when RELEASE_DIR is absent; 2 a usage mistake; 3 the release cannot
 be built here (a missing package or CLIP file, one line saying what to do).
 """
-import argparse, importlib.util, json, os, shutil, statistics, sys, tempfile, time
+import argparse, copy, importlib.util, json, os, shutil, statistics, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -68,8 +69,8 @@ def parse(argv=None):
     ap.add_argument('--rounds', type=at_least_1, default=2, help='interleaved rounds')
     ap.add_argument('--reps', type=at_least_1, default=3, help='timed calls of each kind per round (median)')
     ap.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
-    ap.add_argument('--channels-last', action='store_true', help="train ours with channels-last weights and maps (the recipe's "
-                    '`channels_last` switch; off: the layout the paper recipes train in)')
+    ap.add_argument('--channels-last', action='store_true', help="also time ours training with channels-last weights and maps (the recipe's "
+                    '`channels_last` switch), in the same rounds')
     ap.add_argument('--profile', type=int, default=0, metavar='N', help='also print the N top operators by self CPU time')
     ap.add_argument('--clip', type=Path, help='a CLIP ViT-B/32 state-dict file for the release (default: from --manifest)')
     ap.add_argument('--manifest', type=Path, help='release-parity manifest to regenerate CLIP from '
@@ -123,7 +124,7 @@ def inputs(te, B, seed):
 
 
 def build(a, folder):
-    "Both models and their four timed calls: {'ours'|'release': {'train': fn, 'infer': fn}}"
+    "Both models and their four timed calls: {'ours'|'release': {'train': fn, 'infer': fn}}, with --channels-last also {'ours_nhwc': {'train': fn}}"
     import numpy as np, torch
     try: rc = load_release_cpu(folder)  # first: a missing package is said before the library's imports
     except ModuleNotFoundError as e:
@@ -134,7 +135,6 @@ def build(a, folder):
     from reclmis_nb.evaluation import inference_copy
     torch.manual_seed(0); np.random.seed(0)
     ours = RecLMIS(get_preset(a.config, text_pretrained=False), verbose=False)
-    if a.channels_last: ours.to(memory_format=torch.channels_last)  # as `recl_learner` trains with the recipe's switch
     te = ours.text_encoder
     torch.manual_seed(0); np.random.seed(0)
     rel, gc, _ = rc.build(a.config)
@@ -148,10 +148,13 @@ def build(a, folder):
     opt_r = torch.optim.Adam([p for p in rel.parameters() if p.requires_grad], lr=3e-4)
     tok, tmask, tok1, tmask1 = ids.int(), am.int(), ids1.int(), am1.int()
 
-    def ours_train():
-        ours.train(); opt_o.zero_grad()
-        ours.total_loss(ours(images, feats, am), masks).backward()
-        opt_o.step()
+    def train_step(model, opt):
+        def step():
+            model.train(); opt.zero_grad()
+            model.total_loss(model(images, feats, am), masks).backward()
+            opt.step()
+        return step
+    ours_train = train_step(ours, opt_o)
     fast = inference_copy(ours)
     def ours_infer():
         with torch.no_grad(): fast(image1, te(ids1, am1), am1)
@@ -165,7 +168,11 @@ def build(a, folder):
     def release_infer():
         rel.eval()
         with torch.no_grad(): rel(image1, masks[:1], tok1, tmask1, mode='test')
-    return dict(ours=dict(train=ours_train, infer=ours_infer), release=dict(train=release_train, infer=release_infer))
+    calls = dict(ours=dict(train=ours_train, infer=ours_infer), release=dict(train=release_train, infer=release_infer))
+    if a.channels_last:  # the same weights channels-last, as `recl_learner` trains with the recipe's switch
+        nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+        calls['ours_nhwc'] = dict(train=train_step(nhwc, torch_adam([p for p in nhwc.parameters() if p.requires_grad], lr=3e-4)))
+    return calls
 
 
 def median_seconds(fn, reps):
@@ -199,13 +206,17 @@ def run(a):
             for fn in kinds.values(): fn()  # warm-up: first-call allocations and lazy initialisation
         rounds = []
         for r in range(a.rounds):
-            order = ('ours', 'release') if r % 2 == 0 else ('release', 'ours')
+            order = list(calls) if r % 2 == 0 else list(calls)[::-1]
             t = {}
             for kind in ('train', 'infer'):
-                for who in order: t[f'{who}_{kind}_s'], t[f'{who}_{kind}_cpu_s'] = median_seconds(calls[who][kind], a.reps)
+                for who in order:
+                    if kind in calls[who]: t[f'{who}_{kind}_s'], t[f'{who}_{kind}_cpu_s'] = median_seconds(calls[who][kind], a.reps)
             for kind in ('train', 'infer'):
                 t[f'{kind}_ratio'] = t[f'ours_{kind}_s'] / t[f'release_{kind}_s']
                 t[f'{kind}_cpu_ratio'] = t[f'ours_{kind}_cpu_s'] / t[f'release_{kind}_cpu_s']
+            if 'ours_nhwc' in calls:
+                t['nhwc_train_ratio'] = t['ours_nhwc_train_s'] / t['release_train_s']
+                t['nhwc_vs_ours_train'] = t['ours_nhwc_train_s'] / t['ours_train_s']
             rounds.append(t)
         load_after = os.getloadavg()
         profiles = profile(calls, a.profile) if a.profile > 0 else {}
@@ -221,12 +232,14 @@ def table(res):
     g = lambda k: ', '.join(f'{t[k]:.2f}x' for t in rs)
     la = lambda v: ' '.join(f'{x:.2f}' for x in v)
     lines = [f"RecLMIS {res['config']!r} ours vs release, {res['threads']} threads, torch {res['torch']}, "
-             f"{len(rs)} interleaved rounds (median of {res['reps']} each)" + (', ours training channels-last' if res['channels_last'] else ''),
+             f"{len(rs)} interleaved rounds (median of {res['reps']} each)",
              f"| | ours | release | ours / release |", '|---|---|---|---|',
              f"| training step, batch 2, 224x224 | {f('ours_train_s')} | {f('release_train_s')} | {g('train_ratio')} |",
              f"| inference, batch 1 | {f('ours_infer_s')} | {f('release_infer_s')} | {g('infer_ratio')} |",
              f"| training step, CPU time | {f('ours_train_cpu_s')} | {f('release_train_cpu_s')} | {g('train_cpu_ratio')} |",
              f"| inference, CPU time | {f('ours_infer_cpu_s')} | {f('release_infer_cpu_s')} | {g('infer_cpu_ratio')} |",
+             *([f"| training step, ours channels-last | {f('ours_nhwc_train_s')} | {f('release_train_s')} | {g('nhwc_train_ratio')} "
+                f"(ours channels-last / ours: {g('nhwc_vs_ours_train')}) |"] if res['channels_last'] else []),
              f"load average (1, 5, 15 min) before {la(res['loadavg_before'])}, after {la(res['loadavg_after'])}"]
     for k, v in res['profiles'].items(): lines += ['', f'top operators by self CPU time: {k}', v]
     return '\n'.join(lines)
