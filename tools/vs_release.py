@@ -22,8 +22,9 @@ model: the recipe's `channels_last` switch, what `reclmis train --channels-last`
 outputs that round further from the release's, see `tests/test_release.py::test_training_case`), and gives its
 step against the release's and against ours in the default layout, which the paper recipes train in.
 
-Each round times both codes (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
-in odd rounds and the release first in even ones, so a change of load on the machine falls on both. The table
+Each round times every code (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
+in odd rounds and last in even ones (ours, the release, ours channels-last, then the reverse), so a change of load
+on the machine falls on all of them. The table
 gives each round's medians and the ratio ours / release per round; the load average before and after is printed
 with them, as a ratio holds only for a machine that was equally busy for both. The CPU time of the process
 (`time.process_time`, both threads) is given too: on a machine shared with other work it moves less than the
