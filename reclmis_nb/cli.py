@@ -107,7 +107,7 @@ def cmd_train(args):
         return subprocess.call(torchrun_command(args.distributed, args.argv))
     over = {k: v for k, v in (('bs', args.bs), ('lr', args.lr), ('seed', args.seed), ('text_ablation', args.text_ablation),
                                               ('precise_bn', args.precise_bn), ('cpu_bf16', args.cpu_bf16),
-                                              ('channels_last', args.channels_last)) if v is not None}
+                                              ('channels_last', args.channels_last), ('compile', args.compile)) if v is not None}
     if args.model is not None or args.resume is None: over['arch'] = args.model or 'reclmis'
     if args.loss_weight or args.as_released:
         if over['arch'] != 'reclmis':
@@ -150,6 +150,9 @@ def add_train(sub):
                     "train in bf16 autocast (default: the preset's, on for small; float32 on other CPUs either way)")
     tr.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='train in float32 with channels-last weights '
                     'and maps: faster convolutions on CPUs, rounding further from the release (default: off, as every preset)')
+    tr.add_argument('--compile', nargs='?', const='inductor', choices=['inductor', 'eager'], help='train the model compiled by '
+                    'torch.compile with this backend (default inductor: minutes of compiling first, then fused kernels; eager: to check a '
+                    "run); without the flag the preset's (eager PyTorch, not compiled, in every preset)")
     tr.add_argument('--distributed', type=at_least_1, metavar='N', help='train data-parallel in N processes on this machine (torchrun)')
     tr.add_argument('--out', type=Path, help='new run folder (must not exist or be empty); default runs/<preset>-<time>')
     tr.add_argument('--resume', type=Path, help='run folder of an interrupted run to continue')

@@ -7,7 +7,7 @@ Docs: https://reclmis-nb.github.io/reclmis_nb/learner.html.md"""
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'SEG_KEYS', 'LossTermMissing', 'NonFiniteLoss', 'RecLMISObjective', 'SegScore', 'seg_metrics',
            'recompute_bn', 'PreciseBN', 'ResumableProgress', 'RecLMISLearner', 'pick_device', 'native_bf16',
-           'trains_in_bf16', 'BF16Training', 'recl_learner']
+           'trains_in_bf16', 'BF16Training', 'compile_model', 'CompileModel', 'recl_learner']
 
 # %% ../nbs/10b_learner.ipynb #20eb0a00
 import contextlib, random
@@ -216,6 +216,22 @@ class BF16Training(MixedPrecision):
         self.learn.scaler, self.scales = torch.amp.GradScaler(kind, enabled=False), L()
 
 
+# %% ../nbs/10b_learner.ipynb #4315f705
+def compile_model(model,              # an `nn.Module`, compiled in place
+                  backend='inductor', # a `torch.compile` backend (`recipes.COMPILE_BACKENDS`)
+                 ):
+    "`model.compile()` in place, convolutions in the weights' layout, torch's random numbers; state dict and copies stay eager"
+    options = dict(layout_optimization=False, fallback_random=True)  # inductor's CPU default would make convolutions NHWC
+    model.compile(backend=backend, **(dict(options=options) if backend == 'inductor' else {}))
+    return model
+
+# %% ../nbs/10b_learner.ipynb #f53c2196
+class CompileModel(Callback):
+    "`compile_model` on the learner's model when its first fit starts (the recipe's `compile`)"
+    def __init__(self, backend='inductor'): self.backend, self.done = backend, False
+    def before_fit(self):
+        if not self.done: compile_model(self.learn.model, self.backend); self.done = True
+
 # %% ../nbs/10b_learner.ipynb #c66d05bd
 def recl_learner(model,        # a `RecLMIS` (or any model returning the same dict)
                  dls,          # from `text_dls`
@@ -230,4 +246,5 @@ def recl_learner(model,        # a `RecLMIS` (or any model returning the same di
     bf16 = trains_in_bf16(recipe, dls.device)
     if bf16 or recipe.channels_last: learn.add_cb(ChannelsLast())
     if bf16: learn.add_cb(BF16Training())
+    if recipe.compile: learn.add_cb(CompileModel(recipe.compile))
     return learn

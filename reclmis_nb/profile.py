@@ -23,7 +23,7 @@ from .model import RecLMISConfig, RecLMIS, get_preset, n_params, INFERENCE_PARTS
 from .baselines import build_model, model_config, model_from_config, lvit_unused_released
 from .dataset import pack, unpack
 from .recipes import torch_adam
-from .learner import pick_device, _autocast
+from .learner import pick_device, _autocast, compile_model
 from .evaluation import inference_copy
 
 # %% ../nbs/12_profile.ipynb #73ee593a
@@ -264,7 +264,7 @@ def bench_model(preset:str|RecLMISConfig='small', # preset name or configuration
     infer_macs = _macs(infer, fast)
     res, run = {}, dict(train=model, infer=fast)
     if compile:
-        run = {k: torch.compile(m, backend=compile) for k, m in run.items()}
+        run = {k: compile_model(m, compile) for k, m in run.items()}
         for k, fn, kind in (('compile_train_s', train_step, 'train'), ('compile_infer_s', infer, 'infer')):
             _sync(device); t0 = time.perf_counter(); fn(run[kind]); _sync(device)
             res[k] = time.perf_counter() - t0

@@ -323,9 +323,11 @@ def release_arrays(model, # a RecLMIS in eval mode
 # %% ../nbs/07a_release.ipynb #1650c13b
 def release_training_forward(model, # a RecLMIS, e.g. from `load_release` (left unchanged)
                              image, ids, mask, # (B,3,S,S) images, (B,T) token ids and text mask
-                             label): # (B,S,S) or (B,1,S,S) target masks in {0,1}
+                             label, # (B,S,S) or (B,1,S,S) target masks in {0,1}
+                             prepare=None): # a function given that deterministic copy before its forward (e.g. one that compiles it)
     "The release's deterministic training forward (topk masking, dropouts 0, batch statistics), by its names"
     m = twin(model, mask_mode='topk', interaction_dropout=0., recon_dropout=0., interest_dropout=0.).train()
+    if prepare is not None: m = prepare(m)
     out = m(image, m.text_encoder(ids, mask), mask)
     c, W_poi, W_woi = m.cfg, out['W_poi'].detach(), out['W_woi'].detach()
     img_idx = conditioned_mask(W_poi[..., None], W_poi, c.image_mask_rate, mode='topk')[1]

@@ -186,3 +186,20 @@ def test_channels_last_flag_reaches_the_recipe(flag, want, synth, tmp_path, caps
     assert rc == 0, err
     assert json.loads((tmp_path/'run'/'run.json').read_text())['recipe']['channels_last'] is want
     assert ('channels_last=True' in out) is want
+
+@pytest.mark.parametrize('flag, want', [(['--compile', 'eager'], 'eager'), ([], '')])
+def test_compile_flag_reaches_the_recipe(flag, want, synth, tmp_path, capsys):
+    "`reclmis train --compile eager` sets the recipe's `compile`, saved with the run and shown in its first lines"
+    rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--epochs', '1', *flag, '--out', tmp_path/'run')
+    assert rc == 0, err
+    assert json.loads((tmp_path/'run'/'run.json').read_text())['recipe']['compile'] == want
+    assert ('compile=eager' in out) is bool(want)
+
+def test_compile_refuses_another_backend(synth, tmp_path, capsys):
+    "A backend the recipe does not train with: one line from argparse naming the choices, before any folder; they are the recipe's"
+    rc, out, err = cli(capsys, 'train', '--data', synth, '--preset', 'tiny', '--compile', 'aot_eager', '--out', tmp_path/'run')
+    assert rc == 2 and "argument --compile: invalid choice: 'aot_eager' (choose from" in err and not (tmp_path/'run').exists()
+    assert 'inductor' in err.splitlines()[-1] and 'Traceback' not in err  # argparse's usage, then the line (its quoting varies by Python)
+    from reclmis_nb.recipes import COMPILE_BACKENDS, get_recipe
+    assert COMPILE_BACKENDS == ('inductor', 'eager')
+    with pytest.raises(ValueError, match="compile='aot_eager': train compiled with 'inductor' or 'eager'"): get_recipe('tiny', compile='aot_eager')

@@ -7,7 +7,7 @@ from fastai.basics import Callback
 
 from reclmis_nb import training, evaluation, baselines, learner
 from reclmis_nb.training import train
-from reclmis_nb.learner import LossTermMissing, NonFiniteLoss, RecLMISObjective
+from reclmis_nb.learner import LossTermMissing, NonFiniteLoss, RecLMISObjective, compile_model
 from reclmis_nb.recipes import TINY_MODEL
 from reclmis_nb.model import RecLMIS
 
@@ -131,6 +131,25 @@ def test_channels_last_trains_channels_last_and_resumes(synth, tmp_path):
     assert all(torch.equal(whole['model'][k], cut['model'][k]) for k in whole['model'])
     model, _ = evaluation.load_checkpoint(tmp_path/'whole'/'last.pth')  # scored as any other checkpoint
     assert all(torch.equal(v, whole['model'][k]) for k, v in model.state_dict().items())
+
+def test_compiled_training_is_the_eager_run(synth, tmp_path, monkeypatch):
+    """The recipe's `compile` with TorchDynamo's 'eager' backend (its graphs run by eager PyTorch: the same operations
+    in the same order): the eager run's history and weights exactly, the eager state-dict keys, and a resumable run"""
+    seen = []
+    def spy(model, backend='inductor'):
+        seen.append(backend); return compile_model(model, backend)
+    monkeypatch.setattr(learner, 'compile_model', spy)  # what `CompileModel` calls
+    kw = dict(device='cpu', progress=False, epochs=2)
+    plain = torch.load(train(synth, 'tiny', out=tmp_path/'plain', **kw)/'last.pth', weights_only=True)
+    comp = torch.load(train(synth, 'tiny', out=tmp_path/'comp', compile='eager', **kw)/'last.pth', weights_only=True)
+    assert seen == ['eager'] and comp['recipe']['compile'] == 'eager' and plain['recipe']['compile'] == ''
+    assert list(comp['model']) == list(plain['model'])  # no `_orig_mod.` prefix
+    assert all(torch.equal(plain['model'][k], comp['model'][k]) for k in plain['model'])
+    drop = lambda h: [{k: v for k, v in row.items() if k != 'seconds'} for row in h]
+    assert drop(plain['history']) == drop(comp['history'])
+    train(synth, 'tiny', out=tmp_path/'cut', stop_after=1, compile='eager', **kw)
+    cut = torch.load(train(resume=tmp_path/'cut', device='cpu', progress=False)/'last.pth', weights_only=True)
+    assert seen == ['eager'] * 3 and all(torch.equal(comp['model'][k], cut['model'][k]) for k in comp['model'])
 
 class Dtypes(Callback):
     "The dtype of the first convolution's output and of the loss in the last train batch, and of the weights' gradients"

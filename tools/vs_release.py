@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ours against the authors' release, side by side: one process, the same inputs, interleaved rounds.
 
-    python tools/vs_release.py RELEASE_DIR [--config qata] [--threads 2] [--rounds 2] [--reps 3] [--json] [--profile N] [--channels-last]
+    python tools/vs_release.py RELEASE_DIR [--config qata] [--threads 2] [--rounds 2] [--reps 3] [--json] [--profile N] [--channels-last] [--compile]
 
 RELEASE_DIR is the folder that holds `release_cpu.py`, `reclmis-release/` (the release, unmodified) and `shims/`
 (here `../shared/reference`). Both models are built with random weights (`torch.manual_seed(0)`): ours from
@@ -17,13 +17,18 @@ own code does it, on the same images, masks and CLIP token ids:
   `fast = evaluation.inference_copy(model)` (BatchNorm folded, channels-last weights: what `evaluate` scores; made
   once, untimed), the release `model(..., mode='test')` in eval mode (its auxiliary branch on, as shipped).
 
+`--compile` also times, in the same rounds, ours compiled by `learner.compile_model` (inductor, convolutions
+in NCHW, as `reclmis train --compile` trains): a copy of the same model and of its inference copy, each compiled on
+its warm-up call (the seconds that took are printed), and gives its step and inference against the release's and
+against ours eager.
+
 `--channels-last` also times, in the same rounds, ours with channels-last weights and maps (a copy of the same
 model: the recipe's `channels_last` switch, what `reclmis train --channels-last` does; faster convolutions, but
 outputs that round further from the release's, see `tests/test_release.py::test_training_case`), and gives its
 step against the release's and against ours in the default layout, which the paper recipes train in.
 
 Each round times every code (`--reps` calls each, median; one untimed warm-up call first in round 1), ours first
-in odd rounds and last in even ones (ours, the release, ours channels-last, then the reverse), so a change of load
+in odd rounds and last in even ones (ours, the release, ours channels-last, ours compiled, then the reverse), so a change of load
 on the machine falls on all of them. The table
 gives each round's medians and the ratio ours / release per round; the load average before and after is printed
 with them, as a ratio holds only for a machine that was equally busy for both. The CPU time of the process
@@ -72,6 +77,7 @@ def parse(argv=None):
     ap.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     ap.add_argument('--channels-last', action='store_true', help="also time ours training with channels-last weights and maps (the recipe's "
                     '`channels_last` switch), in the same rounds')
+    ap.add_argument('--compile', action='store_true', help='also time ours compiled (inductor, `reclmis train --compile`), in the same rounds')
     ap.add_argument('--profile', type=int, default=0, metavar='N', help='also print the N top operators by self CPU time')
     ap.add_argument('--clip', type=Path, help='a CLIP ViT-B/32 state-dict file for the release (default: from --manifest)')
     ap.add_argument('--manifest', type=Path, help='release-parity manifest to regenerate CLIP from '
@@ -125,7 +131,8 @@ def inputs(te, B, seed):
 
 
 def build(a, folder):
-    "Both models and their four timed calls: {'ours'|'release': {'train': fn, 'infer': fn}}, with --channels-last also {'ours_nhwc': {'train': fn}}"
+    """Both models and their four timed calls: {'ours'|'release': {'train': fn, 'infer': fn}}, with --channels-last also
+    {'ours_nhwc': {'train': fn}}, with --compile {'ours_compiled': {'train': fn, 'infer': fn}}"""
     import numpy as np, torch
     try: rc = load_release_cpu(folder)  # first: a missing package is said before the library's imports
     except ModuleNotFoundError as e:
@@ -134,6 +141,7 @@ def build(a, folder):
     from reclmis_nb.model import RecLMIS, get_preset
     from reclmis_nb.recipes import torch_adam
     from reclmis_nb.evaluation import inference_copy
+    from reclmis_nb.learner import compile_model
     torch.manual_seed(0); np.random.seed(0)
     ours = RecLMIS(get_preset(a.config, text_pretrained=False), verbose=False)
     te = ours.text_encoder
@@ -156,9 +164,11 @@ def build(a, folder):
             opt.step()
         return step
     ours_train = train_step(ours, opt_o)
-    fast = inference_copy(ours)
-    def ours_infer():
-        with torch.no_grad(): fast(image1, te(ids1, am1), am1)
+    def infer(fast):
+        def call():
+            with torch.no_grad(): fast(image1, te(ids1, am1), am1)
+        return call
+    ours_infer = infer(inference_copy(ours))
     def release_train():
         rel.train(); opt_r.zero_grad()
         probs, losses = rel(images, masks, tok, tmask)
@@ -173,6 +183,10 @@ def build(a, folder):
     if a.channels_last:  # the same weights channels-last, as `recl_learner` trains with the recipe's switch
         nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
         calls['ours_nhwc'] = dict(train=train_step(nhwc, torch_adam([p for p in nhwc.parameters() if p.requires_grad], lr=3e-4)))
+    if a.compile:  # a copy compiled as `reclmis train --compile` trains, and its inference copy compiled
+        comp = compile_model(copy.deepcopy(ours))
+        calls['ours_compiled'] = dict(train=train_step(comp, torch_adam([p for p in comp.parameters() if p.requires_grad], lr=3e-4)),
+                                      infer=infer(compile_model(inference_copy(ours))))
     return calls
 
 
@@ -202,9 +216,10 @@ def run(a):
     with tempfile.TemporaryDirectory(prefix='vs_release_') as tmp:
         folder = release_folder(a, tmp)
         calls = build(a, folder)
-        load_before = os.getloadavg()
-        for kinds in calls.values():
-            for fn in kinds.values(): fn()  # warm-up: first-call allocations and lazy initialisation
+        load_before, first_call_s = os.getloadavg(), {}
+        for who, kinds in calls.items():
+            for kind, fn in kinds.items():  # warm-up: first-call allocations, lazy initialisation, compiling
+                t0 = time.perf_counter(); fn(); first_call_s[f'{who}_{kind}'] = time.perf_counter() - t0
         rounds = []
         for r in range(a.rounds):
             order = list(calls) if r % 2 == 0 else list(calls)[::-1]
@@ -215,13 +230,14 @@ def run(a):
             for kind in ('train', 'infer'):
                 t[f'{kind}_ratio'] = t[f'ours_{kind}_s'] / t[f'release_{kind}_s']
                 t[f'{kind}_cpu_ratio'] = t[f'ours_{kind}_cpu_s'] / t[f'release_{kind}_cpu_s']
-            if 'ours_nhwc' in calls:
-                t['nhwc_train_ratio'] = t['ours_nhwc_train_s'] / t['release_train_s']
-                t['nhwc_vs_ours_train'] = t['ours_nhwc_train_s'] / t['ours_train_s']
+            for who in set(calls) - {'ours', 'release'}:  # a variant of ours: against the release and against ours
+                for kind in calls[who]:
+                    t[f'{who}_{kind}_ratio'] = t[f'{who}_{kind}_s'] / t[f'release_{kind}_s']
+                    t[f'{who}_vs_ours_{kind}'] = t[f'{who}_{kind}_s'] / t[f'ours_{kind}_s']
             rounds.append(t)
         load_after = os.getloadavg()
         profiles = profile(calls, a.profile) if a.profile > 0 else {}
-    return dict(config=a.config, channels_last=a.channels_last, threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, reps=a.reps,
+    return dict(config=a.config, channels_last=a.channels_last, compile=a.compile, first_call_s=first_call_s, threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, reps=a.reps,
                 train_batch=2, infer_batch=1, image_size=224,
                 **{f'{k}_max': max(t[k] for t in rounds) for k in ('train_ratio', 'infer_ratio', 'train_cpu_ratio', 'infer_cpu_ratio')},
                 loadavg_before=load_before, loadavg_after=load_after, profiles=profiles)
@@ -239,8 +255,13 @@ def table(res):
              f"| inference, batch 1 | {f('ours_infer_s')} | {f('release_infer_s')} | {g('infer_ratio')} |",
              f"| training step, CPU time | {f('ours_train_cpu_s')} | {f('release_train_cpu_s')} | {g('train_cpu_ratio')} |",
              f"| inference, CPU time | {f('ours_infer_cpu_s')} | {f('release_infer_cpu_s')} | {g('infer_cpu_ratio')} |",
-             *([f"| training step, ours channels-last | {f('ours_nhwc_train_s')} | {f('release_train_s')} | {g('nhwc_train_ratio')} "
-                f"(ours channels-last / ours: {g('nhwc_vs_ours_train')}) |"] if res['channels_last'] else []),
+             *([f"| training step, ours channels-last | {f('ours_nhwc_train_s')} | {f('release_train_s')} | {g('ours_nhwc_train_ratio')} "
+                f"(ours channels-last / ours: {g('ours_nhwc_vs_ours_train')}) |"] if res['channels_last'] else []),
+             *([f"| {what}, ours compiled | {f(f'ours_compiled_{kind}_s')} | {f(f'release_{kind}_s')} | {g(f'ours_compiled_{kind}_ratio')} "
+                f"(ours compiled / ours: {g(f'ours_compiled_vs_ours_{kind}')}) |" for kind, what in (('train', 'training step'), ('infer', 'inference'))]
+               if res['compile'] else []),
+             *([f"compiling (first calls): training {res['first_call_s']['ours_compiled_train']:.0f} s, "
+                f"inference {res['first_call_s']['ours_compiled_infer']:.0f} s"] if res['compile'] else []),
              f"load average (1, 5, 15 min) before {la(res['loadavg_before'])}, after {la(res['loadavg_after'])}"]
     for k, v in res['profiles'].items(): lines += ['', f'top operators by self CPU time: {k}', v]
     return '\n'.join(lines)
