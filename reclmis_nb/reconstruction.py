@@ -58,7 +58,7 @@ def conditioned_mask(x,              # (B, L, d) tokens to mask
     valid = torch.ones_like(weights, dtype=torch.bool) if valid is None else valid.bool()
     with torch.no_grad():
         w = weights.detach().to(torch.promote_types(weights.dtype, torch.float32))
-        # not while compiling: a branch on tensor values would split the compiled graph in two (a compiled training
+        # not while compiling: a branch on tensor values would split the compiled graph (a compiled training
         # run still stops on a loss that is not finite, `learner.RecLMISObjective`)
         if w.device.type != 'meta' and not torch.compiler.is_compiling() and not ((w >= 0) & w.isfinite()).all():
             raise ValueError('conditioned_mask: weights must be finite and >= 0 (got '
