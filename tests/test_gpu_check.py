@@ -37,6 +37,7 @@ def test_figures(dry):
     assert s['cpu_reload']['tensors_on'] == ['cpu']
     assert s['cpu_reload']['max_prob_diff'] == 0 and s['cpu_reload']['dice_cpu'] == s['cpu_reload']['dice_device']  # both on the CPU here
     assert s['compile']['backend'] == 'eager' and s['compile']['compile_train_s'] > 0
+    assert s['compile']['second_epoch_s'] > 0 and s['compile']['eager_epoch_s'] == s['train_epoch']['epoch_s'] and 0 <= s['compile']['valid_dice'] <= 1
     assert s['distributed']['backend'] == 'gloo' and s['distributed']['ranks'] == 2
     assert s['loader']['images'] == 8 and s['loader']['pin_memory'] is False  # pinned memory only with CUDA
 

@@ -20,6 +20,8 @@ stop the later steps that do not need it):
 - cpu_reload: the run's best.pth loaded back on the CPU (`load_checkpoint(..., 'cpu')`) and scored there and on
   the device, on the same validation images;
 - compile (with --compile [BACKEND]): `bench_model` with `torch.compile`, against the eager figures of `bench`;
+  then two epochs of `train_epoch`'s run compiled as `reclmis train --compile BACKEND` trains (the first epoch
+  includes the compiling), the second epoch's seconds against the eager epoch's;
 - distributed: two processes of `distributed.train_distributed` under torchrun, NCCL on two GPUs (skipped, with the reason, when
   there are fewer); in the dry run two gloo processes on the CPU, the same code but for the backend.
 
@@ -138,7 +140,7 @@ def summary(name, r):
                 bench=('train_images_per_s', 'infer_images_per_s', 'train_ratio', 'infer_ratio', 'peak_memory_bytes'),
                 loader=('images_per_s', 'num_workers', 'pin_memory', 'starves_training'),
                 train_epoch=('epoch_s', 'images_per_s', 'valid_dice'), cpu_reload=('dice_cpu', 'dice_device', 'max_prob_diff'),
-                compile=('backend', 'train_speedup', 'infer_speedup', 'compile_train_s'), distributed=('backend', 'ranks', 'epoch_s'))[name]
+                compile=('backend', 'train_speedup', 'infer_speedup', 'compile_train_s', 'epoch_speedup'), distributed=('backend', 'ranks', 'epoch_s'))[name]
     fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
     return ', '.join(f'{k}={fmt(r[k])}' for k in keys if k in r)
 
@@ -272,14 +274,25 @@ def cpu_reload(c):
 
 def compile_step(c):
     if not c.a.compile: raise Skip('not asked: pass --compile [BACKEND] to time torch.compile against eager')
-    c.needs('bench')
+    c.needs('bench'); c.needs('train_epoch')
     from reclmis_nb.profile import bench_model
+    from reclmis_nb.recipes import COMPILE_BACKENDS
+    from reclmis_nb.training import train
+    import csv
     eager = c.results['steps']['bench']
     res = bench_model(c.cfg, bs=c.bs, device=c.device, compile=c.a.compile, **c.sizes)
-    return dict(backend=c.a.compile, train_speedup=eager['train_step_s'] / res['train_step_s'],
-                infer_speedup=eager['infer_batch_s'] / res['infer_batch_s'], **{k: res[k] for k in (
-                    'compile_train_s', 'compile_infer_s', 'train_step_s', 'infer_batch_s', 'train_images_per_s', 'infer_images_per_s',
-                    'train_ratio', 'infer_ratio', 'peak_memory_bytes')})
+    out = dict(backend=c.a.compile, train_speedup=eager['train_step_s'] / res['train_step_s'],
+               infer_speedup=eager['infer_batch_s'] / res['infer_batch_s'], **{k: res[k] for k in (
+                   'compile_train_s', 'compile_infer_s', 'train_step_s', 'infer_batch_s', 'train_images_per_s', 'infer_images_per_s',
+                   'train_ratio', 'infer_ratio', 'peak_memory_bytes')})
+    if c.a.compile not in COMPILE_BACKENDS:
+        return out | dict(epochs_skipped=f'a recipe trains with {" or ".join(COMPILE_BACKENDS)} only, not {c.a.compile}')
+    run = train(c.data(), 'qata', epochs=2, out=c.work/'run-compiled', device=str(c.device), progress=False, bs=c.bs,
+                model_overrides=c.overrides, compile=c.a.compile)
+    with open(run/'history.csv') as f: rows = list(csv.DictReader(f))
+    first, second = (float(r['seconds']) for r in rows)
+    return out | dict(first_epoch_s=first, second_epoch_s=second, eager_epoch_s=c.results['steps']['train_epoch']['epoch_s'],
+                      epoch_speedup=c.results['steps']['train_epoch']['epoch_s'] / second, valid_dice=float(rows[-1]['dice']))
 
 
 def distributed(c):
