@@ -232,17 +232,21 @@ def loader(c):
     return res
 
 
-def train_epoch(c):
+def train_qata(c, out, epochs, **recipe):
+    "`training.train` of the qata recipe at the check's batch and sizes: (run folder, its history.csv rows, wall seconds)"
     from reclmis_nb.training import train
     import csv
-    root = c.data()
     t0 = time.perf_counter()
-    run = train(root, 'qata', epochs=1, out=c.work/'run', device=str(c.device), progress=False, bs=c.bs,
-                model_overrides=c.overrides)
+    run = train(c.data(), 'qata', epochs=epochs, out=c.work/out, device=str(c.device), progress=False, bs=c.bs,
+                model_overrides=c.overrides, **recipe)
     wall = time.perf_counter() - t0
-    with open(run/'history.csv') as f: row = next(csv.DictReader(f))
+    with open(run/'history.csv') as f: return run, list(csv.DictReader(f)), wall
+
+
+def train_epoch(c):
+    run, (row,), wall = train_qata(c, 'run', 1)
     from reclmis_nb.data import read_dataset
-    n = len(read_dataset(root).splits['train'])
+    n = len(read_dataset(c.data()).splits['train'])
     c.run_dir = run
     return dict(run=str(run), wall_s=wall, epoch_s=float(row['seconds']), images_per_s=n / float(row['seconds']),
                 train_images=n, valid_dice=float(row['dice']), history=row)
@@ -274,11 +278,9 @@ def cpu_reload(c):
 
 def compile_step(c):
     if not c.a.compile: raise Skip('not asked: pass --compile [BACKEND] to time torch.compile against eager')
-    c.needs('bench'); c.needs('train_epoch')
+    c.needs('bench', 'train_epoch')
     from reclmis_nb.profile import bench_model
     from reclmis_nb.recipes import COMPILE_BACKENDS
-    from reclmis_nb.training import train
-    import csv
     eager = c.results['steps']['bench']
     res = bench_model(c.cfg, bs=c.bs, device=c.device, compile=c.a.compile, **c.sizes)
     out = dict(backend=c.a.compile, train_speedup=eager['train_step_s'] / res['train_step_s'],
@@ -287,12 +289,11 @@ def compile_step(c):
                    'train_ratio', 'infer_ratio', 'peak_memory_bytes')})
     if c.a.compile not in COMPILE_BACKENDS:
         return out | dict(epochs_skipped=f'a recipe trains with {" or ".join(COMPILE_BACKENDS)} only, not {c.a.compile}')
-    run = train(c.data(), 'qata', epochs=2, out=c.work/'run-compiled', device=str(c.device), progress=False, bs=c.bs,
-                model_overrides=c.overrides, compile=c.a.compile)
-    with open(run/'history.csv') as f: rows = list(csv.DictReader(f))
+    _, rows, _ = train_qata(c, 'run-compiled', 2, compile=c.a.compile)
     first, second = (float(r['seconds']) for r in rows)
-    return out | dict(first_epoch_s=first, second_epoch_s=second, eager_epoch_s=c.results['steps']['train_epoch']['epoch_s'],
-                      epoch_speedup=c.results['steps']['train_epoch']['epoch_s'] / second, valid_dice=float(rows[-1]['dice']))
+    eager_epoch = c.results['steps']['train_epoch']['epoch_s']
+    return out | dict(first_epoch_s=first, second_epoch_s=second, eager_epoch_s=eager_epoch, epoch_speedup=eager_epoch / second,
+                      valid_dice=float(rows[-1]['dice']))
 
 
 def distributed(c):

@@ -153,7 +153,7 @@ def build(a, folder):
     images, masks, ids, am = inputs(te, 2, 1)
     image1, _, ids1, am1 = inputs(te, 1, 2)
     with torch.no_grad(): feats = te(ids, am)
-    opt_o = torch_adam([p for p in ours.parameters() if p.requires_grad], lr=3e-4)  # the learner's optimizer
+    adam = lambda m: torch_adam([p for p in m.parameters() if p.requires_grad], lr=3e-4)  # the learner's optimizer
     opt_r = torch.optim.Adam([p for p in rel.parameters() if p.requires_grad], lr=3e-4)
     tok, tmask, tok1, tmask1 = ids.int(), am.int(), ids1.int(), am1.int()
 
@@ -163,7 +163,7 @@ def build(a, folder):
             model.total_loss(model(images, feats, am), masks).backward()
             opt.step()
         return step
-    ours_train = train_step(ours, opt_o)
+    ours_train = train_step(ours, adam(ours))
     def infer(fast):
         def call():
             with torch.no_grad(): fast(image1, te(ids1, am1), am1)
@@ -182,10 +182,10 @@ def build(a, folder):
     calls = dict(ours=dict(train=ours_train, infer=ours_infer), release=dict(train=release_train, infer=release_infer))
     if a.channels_last:  # the same weights channels-last, as `recl_learner` trains with the recipe's switch
         nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-        calls['ours_nhwc'] = dict(train=train_step(nhwc, torch_adam([p for p in nhwc.parameters() if p.requires_grad], lr=3e-4)))
+        calls['ours_nhwc'] = dict(train=train_step(nhwc, adam(nhwc)))
     if a.compile:  # a copy compiled as `reclmis train --compile` trains, and its inference copy compiled
         comp = compile_model(copy.deepcopy(ours))
-        calls['ours_compiled'] = dict(train=train_step(comp, torch_adam([p for p in comp.parameters() if p.requires_grad], lr=3e-4)),
+        calls['ours_compiled'] = dict(train=train_step(comp, adam(comp)),
                                       infer=infer(compile_model(inference_copy(ours))))
     return calls
 
